@@ -1,0 +1,385 @@
+"""The one input path shared by every segloss loss.
+
+Each loss goes through the same three steps, so activation, target handling, ignore masks,
+validation and reduction behave identically everywhere:
+
+1. :func:`prepare_target` reads the target as either an **integer label map** ``(B,1,*)`` / ``(B,*)``
+   or a **dense** (one-hot, multi-label or soft) tensor ``(B,C,*)`` and folds ``ignore_index`` and an
+   optional per-voxel ``weight_map`` into one float32 voxel weight (0 = ignored). A label map is never
+   expanded to a one-hot tensor: per-class statistics are gathered/scattered from it instead
+   (:func:`class_sums`), which keeps many-class 3D memory-lean.
+2. :func:`activate` applies ``sigmoid`` / ``softmax`` / ``other_act`` (MONAI's names) in float32.
+3. :func:`class_sums` returns per-class (tp, sum of prediction, sum of target) in float32 with autocast
+   disabled (fp16 sums overflow at 512x512), optionally summed over the batch and all-reduced across
+   ``torch.distributed`` ranks with autograd (``sync_batch``); :func:`reduce_loss` applies MONAI's
+   ``reduction`` conventions.
+
+Spatial dimensions are flattened to one axis ``N`` (a view for contiguous tensors), so the same code
+serves 2D and 3D.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "Target",
+    "activate",
+    "all_reduce_sum",
+    "as_class_weight",
+    "check_finite",
+    "class_sums",
+    "input_checks_enabled",
+    "prepare_target",
+    "reduce_loss",
+    "set_input_checks",
+    "validate_act_args",
+]
+
+_CHECKS_ENABLED = True
+
+
+def set_input_checks(enabled: bool) -> None:
+    """Turn the data-dependent input checks (NaN/Inf, label range, integral labels) on or off.
+
+    The checks read values back to the host, one synchronisation per loss call. They are on by default;
+    switch them off for the last few percent of GPU speed once a pipeline is known to be clean. They are
+    skipped automatically inside ``torch.compile``.
+    """
+    global _CHECKS_ENABLED
+    _CHECKS_ENABLED = bool(enabled)
+
+
+def input_checks_enabled() -> bool:
+    return _CHECKS_ENABLED and not torch.compiler.is_compiling()
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    # MetaTensor's __torch_function__ costs time on every op; the losses need only the data.
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
+def validate_act_args(sigmoid: bool, softmax: bool, other_act: Callable | None) -> None:
+    if other_act is not None and not callable(other_act):
+        raise TypeError(f"other_act must be None or callable but is {type(other_act).__name__}.")
+    if int(sigmoid) + int(softmax) + int(other_act is not None) > 1:
+        raise ValueError("Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None].")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    if input_checks_enabled() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+
+
+def activate(
+    input: torch.Tensor, sigmoid: bool = False, softmax: bool = False, other_act: Callable | None = None
+) -> torch.Tensor:
+    """Apply the activation to ``input`` ``(B,C,*)`` in float32 (MONAI semantics: softmax on one channel
+    is skipped with a warning)."""
+    input = _plain(input).float()
+    if sigmoid:
+        input = torch.sigmoid(input)
+    if softmax:
+        if input.shape[1] == 1:
+            warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
+        else:
+            input = torch.softmax(input, 1)
+    if other_act is not None:
+        input = other_act(input)
+    return input
+
+
+@dataclass
+class Target:
+    """A target in the form the losses consume, spatial dimensions flattened to ``N``.
+
+    Exactly one of ``labels`` / ``dense`` is set.
+
+    Attributes:
+        labels: ``(B, N)`` int64 class indices in ``[0, C)``; ignored voxels hold 0 (and weight 0).
+        dense: ``(B, C, N)`` float32 one-hot / multi-label / soft target.
+        weight: float32 voxel weight, ``(B, 1, N)`` (or ``(B, C, N)`` for element-wise ignore on dense
+            targets): 0 where ignored, the weight-map value elsewhere. ``None`` means all ones.
+        num_classes: ``C``, the number of prediction channels.
+        spatial_shape: the original spatial shape, for ``reduction="none"`` outputs.
+    """
+
+    labels: torch.Tensor | None
+    dense: torch.Tensor | None
+    weight: torch.Tensor | None
+    num_classes: int
+    spatial_shape: torch.Size
+
+    @property
+    def is_labels(self) -> bool:
+        return self.labels is not None
+
+    def valid_count(self, dims: Sequence[int] | None = None) -> torch.Tensor | None:
+        """Number (weighted sum) of non-ignored voxels, or None when nothing is ignored or weighted."""
+        if self.weight is None:
+            return None
+        w = self.weight if self.weight.shape[1] == 1 else self.weight.mean(1, keepdim=True)
+        return w.sum() if dims is None else w.sum(dims)
+
+
+def _label_map(target: torch.Tensor, input_ndim: int) -> torch.Tensor:
+    """(B,1,*) or (B,*) -> (B,*)"""
+    if target.ndim == input_ndim:
+        if target.shape[1] != 1:
+            raise ValueError(
+                f"`target` must be a label map of shape (B,1,*) or (B,*) here, got shape {tuple(target.shape)}."
+            )
+        return target[:, 0]
+    return target
+
+
+def prepare_target(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    to_onehot_y: bool = False,
+    ignore_index: int | None = None,
+    weight_map: torch.Tensor | None = None,
+) -> Target:
+    """Read ``target`` against ``input`` ``(B,C,*)``.
+
+    The target is a **label map** when ``to_onehot_y=True``, when it has no channel axis ``(B,*)``, or when
+    it has one channel while ``input`` has several; otherwise it must have ``input``'s shape and is
+    **dense**. Label maps may be integer or float tensors holding whole numbers (MONAI loaders give float
+    labels); values must lie in ``[0, C)`` apart from ``ignore_index``.
+
+    ``ignore_index`` on a label map masks the voxels with that label. On a dense target it follows
+    MONAI: a class index in ``[0, C)`` masks the voxels where that channel is set; any other value masks
+    the elements equal to it (e.g. 255 in a binary mask), element-wise, so it also works per channel for
+    multi-label targets.
+
+    ``weight_map`` ``(B,1,*)``, ``(B,*)`` or ``(B,C,*)`` (dense targets only for the latter) multiplies the
+    voxel weight; it must be finite and non-negative.
+
+    Raises:
+        ValueError: naming ``target``, ``input`` or ``weight_map`` for shape mismatches, non-integer or
+            out-of-range labels, NaN/Inf, or negative weights.
+    """
+    input = _plain(input)
+    target = _plain(target)
+    if input.ndim < 3:
+        raise ValueError(f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}.")
+    B, C = input.shape[:2]
+    spatial = input.shape[2:]
+    checks = input_checks_enabled()
+
+    is_labels = (
+        (to_onehot_y and C > 1)
+        or target.ndim == input.ndim - 1
+        or (target.ndim == input.ndim and target.shape[1] == 1 and C > 1)
+    )
+    if to_onehot_y and C == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
+
+    weight: torch.Tensor | None = None
+    if is_labels:
+        labels = _label_map(target, input.ndim)
+        if labels.shape[0] != B or labels.shape[1:] != spatial:
+            raise ValueError(
+                f"`target` label map of shape {tuple(target.shape)} does not match `input` of shape "
+                f"{tuple(input.shape)}: expected (B,1,*spatial) or (B,*spatial) with B={B}, spatial={tuple(spatial)}."
+            )
+        if labels.dtype == torch.bool:
+            labels = labels.long()
+        if labels.is_floating_point():
+            if checks:
+                bad = ~torch.isfinite(labels) | (labels != torch.trunc(labels))
+                if bool(bad.any()):
+                    raise ValueError(
+                        "`target` is a label map but holds non-integer or non-finite values; "
+                        "pass class indices (integers), or a one-hot/soft target with the input's shape."
+                    )
+            labels = labels.long()
+        elif labels.is_complex():
+            raise ValueError("`target` must be real-valued.")
+        else:
+            labels = labels.long()
+        labels = labels.reshape(B, -1)
+        valid = None
+        if ignore_index is not None:
+            valid = labels != ignore_index
+            labels = labels.masked_fill(~valid, 0)
+        if checks:
+            lo, hi = torch.aminmax(labels)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= C:
+                raise ValueError(
+                    f"`target` label values must lie in [0, {C}) for an input with {C} channels"
+                    + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                    + f"; found values in [{lo}, {hi}]."
+                )
+        if valid is not None:
+            weight = valid.unsqueeze(1).float()
+        dense = None
+    else:
+        if target.shape != input.shape:
+            raise ValueError(
+                f"`target` of shape {tuple(target.shape)} must be a label map (B,1,*)/(B,*) or have `input`'s "
+                f"shape {tuple(input.shape)} (one-hot / soft target)."
+            )
+        dense = target.float().reshape(B, C, -1)
+        labels = None
+        if ignore_index is not None:
+            if 0 <= ignore_index < C and C > 1:
+                weight = 1.0 - dense[:, ignore_index : ignore_index + 1]
+            else:
+                keep = dense != ignore_index
+                weight = keep.float()
+                dense = dense.masked_fill(~keep, 0.0)
+        if checks and not bool(torch.isfinite(dense).all()):
+            raise ValueError("`target` contains NaN or Inf values.")
+
+    if weight_map is not None:
+        wm = _plain(weight_map)
+        if wm.ndim == input.ndim - 1:
+            wm = wm.unsqueeze(1)
+        if wm.ndim != input.ndim or wm.shape[0] != B or wm.shape[2:] != spatial or wm.shape[1] not in (1, C):
+            raise ValueError(
+                f"`weight_map` of shape {tuple(weight_map.shape)} must be (B,1,*spatial), (B,*spatial) or "
+                f"(B,C,*spatial) for `input` of shape {tuple(input.shape)}."
+            )
+        if wm.shape[1] == C and C > 1 and labels is not None:
+            raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
+        wm = wm.float().reshape(B, wm.shape[1], -1)
+        if checks and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
+            raise ValueError("`weight_map` must be finite and non-negative.")
+        weight = wm if weight is None else weight * wm
+
+    return Target(labels=labels, dense=dense, weight=weight, num_classes=C, spatial_shape=spatial)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over all ``torch.distributed`` ranks, differentiably.
+
+    The backward pass sums the incoming gradients over ranks as well. Every rank computes the same loss
+    from the summed statistics, so each rank's input gradient is ``world_size`` times its share of the
+    one-process gradient, which is exactly what DistributedDataParallel's gradient *averaging* expects:
+    after DDP, parameter gradients equal those of one process holding the whole batch. Without an
+    initialised process group this is the identity.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def class_sums(
+    pred: torch.Tensor,
+    target: Target,
+    *,
+    batch: bool = False,
+    squared_pred: bool = False,
+    soft_label: bool = False,
+    sync_batch: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class soft confusion statistics ``(tp, pred_sum, target_sum)``, each ``(B, C)`` or ``(C,)``.
+
+    ``tp = sum_v w_v p_vc g_vc``, ``pred_sum = sum_v w_v p_vc`` (``p^2`` when ``squared_pred``),
+    ``target_sum = sum_v w_v g_vc`` (``g^2`` when ``squared_pred``); so ``fp = pred_sum - tp`` and
+    ``fn = target_sum - tp``. With ``soft_label`` (dense targets, MONAI's option) ``tp`` is
+    ``(|p|+|g|-|p-g|)/2`` in the L1 (or squared L2) norm, exact for soft labels.
+
+    For a label map ``g`` is never materialised: ``tp`` scatters ``p`` at each voxel's label into its class
+    and ``target_sum`` is a weighted bincount. Sums are float32 with autocast off; ``batch`` sums over the
+    batch, and ``sync_batch`` (with ``batch``) all-reduces the sums across ranks (:func:`all_reduce_sum`).
+
+    Args:
+        pred: ``(B, C, *)`` probabilities (already activated).
+        target: from :func:`prepare_target` for the same input.
+    """
+    B, C = pred.shape[:2]
+    with torch.autocast(pred.device.type, enabled=False):
+        p = _plain(pred).float().reshape(B, C, -1)
+        w = target.weight
+        if target.labels is not None:
+            labels = target.labels
+            w_lab = None if w is None else w[:, 0]
+            p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
+            if w_lab is not None:
+                p_at_label = p_at_label * w_lab
+            tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
+            ones = w_lab if w_lab is not None else torch.ones_like(p_at_label)
+            target_sum = p.new_zeros(B, C).scatter_add_(1, labels, ones)
+            pp = p * p if squared_pred else p
+            if w_lab is None:
+                pred_sum = pp.sum(-1)
+            else:
+                pred_sum = torch.bmm(pp, w_lab.unsqueeze(-1)).squeeze(-1)
+        else:
+            g = target.dense
+            if w is not None:
+                # w is (B,1,N) or (B,C,N); masking p and g is what MONAI does.
+                p = p * w
+                g = g * w
+            if soft_label:
+                order = 2 if squared_pred else 1
+                pn = torch.linalg.vector_norm(p, ord=order, dim=-1)
+                gn = torch.linalg.vector_norm(g, ord=order, dim=-1)
+                dn = torch.linalg.vector_norm(p - g, ord=order, dim=-1)
+                if order == 2:
+                    pn, gn, dn = pn.square(), gn.square(), dn.square()
+                tp = (pn + gn - dn) / 2
+                pred_sum, target_sum = pn, gn
+            else:
+                tp = (p * g).sum(-1)
+                pred_sum = (p * p).sum(-1) if squared_pred else p.sum(-1)
+                target_sum = (g * g).sum(-1) if squared_pred else g.sum(-1)
+        if batch:
+            tp, pred_sum, target_sum = tp.sum(0), pred_sum.sum(0), target_sum.sum(0)
+            if sync_batch:
+                stacked = all_reduce_sum(torch.stack([tp, pred_sum, target_sum]))
+                tp, pred_sum, target_sum = stacked.unbind(0)
+    return tp, pred_sum, target_sum
+
+
+def as_class_weight(
+    weight: float | Sequence[float] | torch.Tensor | None, num_classes: int, name: str = "weight"
+) -> torch.Tensor | None:
+    """A per-class weight tensor of length ``num_classes`` (a scalar is broadcast), checked non-negative."""
+    if weight is None:
+        return None
+    w = torch.as_tensor(weight, dtype=torch.float32)
+    if w.ndim == 0:
+        w = w.repeat(num_classes)
+    if w.ndim != 1 or w.shape[0] != num_classes:
+        raise ValueError(
+            f"The length of `{name}` ({w.numel()}) must equal the number of classes used ({num_classes}); "
+            "with include_background=False it must not include the background class 0."
+        )
+    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"`{name}` values must be finite and no less than 0.")
+    return w
+
+
+def reduce_loss(f: torch.Tensor, reduction: str, spatial_ndim: int | None = None) -> torch.Tensor:
+    """MONAI's reduction of a per-(batch, class) loss ``f`` (``(B,C)`` or ``(C,)``).
+
+    ``"none"`` keeps MONAI's broadcastable shape ``(B, C, 1, ...)`` when ``spatial_ndim`` is given.
+    """
+    if reduction == "mean":
+        return f.mean()
+    if reduction == "sum":
+        return f.sum()
+    if reduction == "none":
+        if spatial_ndim is not None:
+            return f.reshape(*f.shape, *([1] * spatial_ndim))
+        return f
+    raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
+
+
+def check_reduction(reduction: str) -> str:
+    reduction = getattr(reduction, "value", reduction)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
+    return reduction
