@@ -168,7 +168,9 @@ def prepare_target(
     input = _plain(input)
     target = _plain(target)
     if input.ndim < 3:
-        raise ValueError(f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}.")
+        raise ValueError(
+            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
+        )
     B, C = input.shape[:2]
     spatial = input.shape[2:]
     checks = input_checks_enabled()

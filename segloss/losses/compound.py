@@ -1,0 +1,112 @@
+"""Sums of losses: :class:`CompoundLoss` (named, weighted terms; bundle-config friendly) and the MONAI-style
+``DiceCELoss`` / ``DiceFocalLoss``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CompoundLoss", "call_loss"]
+
+
+def _accepted_kwargs(loss: nn.Module) -> set[str] | None:
+    """Keyword names ``loss.forward`` accepts beyond (input, target); None if it takes ``**kwargs``."""
+    params = inspect.signature(loss.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def call_loss(loss: nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Call ``loss(input, target, **kwargs)`` passing only the keyword arguments its ``forward`` accepts.
+
+    Lets one ``weight_map`` reach the terms that use it (weighted CE, Dice) while plain MONAI losses in the same
+    sum are called as ``loss(input, target)``.
+    """
+    if kwargs:
+        accepted = _accepted_kwargs(loss)
+        if accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return loss(input, target, **kwargs)
+
+
+class CompoundLoss(nn.Module):
+    """Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
+
+    Any callable ``nn.Module`` loss works as a term (segloss or MONAI). Keyword arguments of ``forward`` (e.g.
+    ``weight_map``) go to the terms whose ``forward`` accepts them. The detached value of each term from the
+    last call is kept in :attr:`last_terms` for logging.
+
+    From a MONAI bundle config::
+
+        "loss": {
+            "_target_": "segloss.losses.CompoundLoss",
+            "losses": {
+                "ce": {"_target_": "segloss.losses.WeightedCrossEntropyLoss"},
+                "dice": {"_target_": "segloss.losses.DiceLoss", "softmax": true, "to_onehot_y": true}
+            },
+            "weights": {"ce": 1.0, "dice": 1.0}
+        }
+
+    Args:
+        losses: a mapping name -> loss module, or a sequence of modules (named ``"0"``, ``"1"``, ...).
+        weights: a mapping name -> weight, or a sequence in the order of ``losses``; missing weights default to 1.
+            Weights may be changed between steps with :meth:`set_weight` (e.g. by a schedule).
+    """
+
+    def __init__(
+        self,
+        losses: Mapping[str, nn.Module] | Sequence[nn.Module],
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(losses, Mapping):
+            named = dict(losses)
+        else:
+            named = {str(i): loss for i, loss in enumerate(losses)}
+        if not named:
+            raise ValueError("`losses` must hold at least one loss term.")
+        for name, loss in named.items():
+            if not callable(loss):
+                raise TypeError(f"`losses[{name!r}]` must be a callable loss module, got {type(loss).__name__}.")
+        self.losses = nn.ModuleDict(named)
+        if weights is None:
+            weights = {}
+        elif not isinstance(weights, Mapping):
+            weights = list(weights)
+            if len(weights) != len(named):
+                raise ValueError(f"`weights` has {len(weights)} entries for {len(named)} loss terms.")
+            weights = dict(zip(named, weights))
+        unknown = set(weights) - set(named)
+        if unknown:
+            raise ValueError(f"`weights` names unknown loss terms {sorted(unknown)}; terms are {list(named)}.")
+        self.weights: dict[str, float] = {}
+        for name in named:
+            self.set_weight(name, weights.get(name, 1.0))
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def set_weight(self, name: str, value: float) -> None:
+        if name not in self.losses:
+            raise KeyError(f"no loss term named {name!r}; terms are {list(self.losses)}.")
+        value = float(value)
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"weight of term {name!r} must be finite and >= 0, got {value}.")
+        self.weights[name] = value
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+        total = None
+        terms = {}
+        for name, loss in self.losses.items():
+            w = self.weights[name]
+            if w == 0.0:
+                continue  # a switched-off term (e.g. before its warm-up ends) costs nothing
+            value = call_loss(loss, input, target, **kwargs)
+            terms[name] = value.detach()
+            total = w * value if total is None else total + w * value
+        self.last_terms = terms
+        if total is None:
+            return input.sum() * 0.0  # every weight is 0: a zero that still carries a graph
+        return total
