@@ -1,5 +1,12 @@
 """segloss losses. Every loss shares :mod:`segloss.losses.inputs` for activation, targets, masks and reduction."""
 
+from segloss.losses.compound import CompoundLoss
+from segloss.losses.cross_entropy import WeightedCrossEntropyLoss, weighted_cross_entropy
+from segloss.losses.focal import FocalLoss, focal_loss
 from segloss.losses.inputs import set_input_checks
+from segloss.losses.skeleton_recall import SkeletonRecallLoss
+from segloss.losses.topology import TopologyAwareLoss, TopologyLoss
 
-__all__ = ["set_input_checks"]
+__all__ = ["CompoundLoss", "set_input_checks"]
+__all__ += ["SkeletonRecallLoss", "TopologyAwareLoss", "TopologyLoss"]
+__all__ += ["FocalLoss", "WeightedCrossEntropyLoss", "focal_loss", "weighted_cross_entropy"]

@@ -1,0 +1,5 @@
+"""Networks used inside segloss losses (frozen feature extractors)."""
+
+from segloss.networks.vgg import VGG19_LAYERS, VGG19Features, WeightsNotFoundError, load_vgg19_state_dict
+
+__all__ = ["VGG19_LAYERS", "VGG19Features", "WeightsNotFoundError", "load_vgg19_state_dict"]
