@@ -61,13 +61,13 @@ class SkeletonRecallLoss(nn.Module):
     skeleton map, or pass ``weight_map=(label != ignore_index)`` to :meth:`forward` (as nnU-Net's loss mask).
 
     Combining: the paper adds it with weight 1 to nnU-Net's Dice + CE. The region terms take the segmentation
-    and this one the skeleton, so sum them in the training step (or a small module taking both targets);
-    :class:`~segloss.losses.CompoundLoss` passes one target to all its terms, so it can hold the region terms::
+    and this one the skeleton; pass the skeleton as the ``skeleton`` keyword, which then replaces ``target``, so
+    one :class:`~segloss.losses.CompoundLoss` (which hands keywords to the terms that accept them) holds all::
 
-        region = segloss.CompoundLoss({"dice": segloss.DiceLoss(to_onehot_y=True, softmax=True),
-                                       "ce": segloss.WeightedCrossEntropyLoss()})
-        skel = segloss.SkeletonRecallLoss(softmax=True)
-        loss = region(logits, label) + 1.0 * skel(logits, skeleton)
+        loss = segloss.CompoundLoss({"dice": segloss.DiceLoss(to_onehot_y=True, softmax=True),
+                                     "ce": segloss.WeightedCrossEntropyLoss(),
+                                     "skel": segloss.SkeletonRecallLoss(softmax=True)})
+        value = loss(logits, label, skeleton=skeleton)  # dice/ce see `label`, skel sees `skeleton`
 
     MONAI's ``SoftclDiceLoss`` / ``SoftDiceclDiceLoss`` (Shit et al., CVPR 2021) instead skeletonise prediction
     and segmentation on the fly by iterated soft min/max pooling; they take probabilities and a one-hot
@@ -118,14 +118,22 @@ class SkeletonRecallLoss(nn.Module):
         self.smooth_dr = float(smooth_dr)
 
     def forward(
-        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
+        self,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight_map: torch.Tensor | None = None,
+        skeleton: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             input: logits ``(B, C, *spatial)``, 2D or 3D.
-            target: skeleton label map ``(B, 1, *)`` / ``(B, *)`` or dense skeleton ``(B, C, *)``.
+            target: skeleton label map ``(B, 1, *)`` / ``(B, *)`` or dense skeleton ``(B, C, *)``; unused when
+                ``skeleton`` is given (then it is the segmentation other terms of a compound loss take).
             weight_map: optional non-negative voxel weights ``(B, 1, *)``, e.g. a 0/1 mask of valid voxels.
+            skeleton: the skeleton target, in the forms ``target`` takes.
         """
+        if skeleton is not None:
+            target = skeleton
         check_finite(input, "input")
         tgt = prepare_target(
             input, target, to_onehot_y=self.to_onehot_y, ignore_index=self.ignore_index, weight_map=weight_map

@@ -143,3 +143,21 @@ def test_bad_arguments():
         SkeletonRecallLoss(softmax=True)(torch.randn(1, 2, 8, 8), torch.full((1, 1, 8, 8), 5))
     with pytest.raises(ValueError, match="input"):
         SkeletonRecallLoss(softmax=True)(torch.full((1, 2, 8, 8), float("inf")), torch.zeros(1, 1, 8, 8))
+
+
+def test_skeleton_keyword_replaces_target_inside_compound_loss():
+    from segloss.losses import CompoundLoss, WeightedCrossEntropyLoss
+
+    C = 3
+    skel = skeleton_batch(2, (40, 40), C)
+    label = torch.from_numpy(np.stack([blobs((40, 40), C, seed=b) for b in range(2)])).long().unsqueeze(1)
+    logits = torch.randn(2, C, 40, 40)
+    recall = SkeletonRecallLoss(softmax=True)
+    compound = CompoundLoss({"ce": WeightedCrossEntropyLoss(), "skel": recall}, weights={"ce": 1.0, "skel": 2.0})
+    value = compound(logits, label, skeleton=skel)
+    expected_skel = reference(torch.softmax(logits.double(), 1), onehot(skel, C))
+    torch.testing.assert_close(compound.last_terms["skel"].double(), expected_skel, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compound.last_terms["ce"], F.cross_entropy(logits, label[:, 0]))
+    torch.testing.assert_close(value, compound.last_terms["ce"] + 2.0 * compound.last_terms["skel"])
+    # without the keyword the target itself is read as the skeleton
+    torch.testing.assert_close(recall(logits, skel), recall(logits, label, skeleton=skel))
