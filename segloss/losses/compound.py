@@ -1,5 +1,4 @@
-"""Sums of losses: :class:`CompoundLoss` (named, weighted terms; bundle-config friendly) and the MONAI-style
-``DiceCELoss`` / ``DiceFocalLoss``."""
+"""Sums of losses: :class:`CompoundLoss`, named and weighted terms, bundle-config friendly."""
 
 from __future__ import annotations
 
@@ -37,8 +36,9 @@ class CompoundLoss(nn.Module):
     """Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
 
     Any callable ``nn.Module`` loss works as a term (segloss or MONAI). Keyword arguments of ``forward`` (e.g.
-    ``weight_map``) go to the terms whose ``forward`` accepts them. The detached value of each term from the
-    last call is kept in :attr:`last_terms` for logging.
+    ``weight_map``, ``skeleton``) go to the terms whose ``forward`` accepts them, or, for a term named in
+    ``term_kwargs``, only the keywords listed there (e.g. keep the border weight map away from a Dice term). The
+    detached value of each term from the last call is kept in :attr:`last_terms` for logging.
 
     From a MONAI bundle config::
 
@@ -55,12 +55,15 @@ class CompoundLoss(nn.Module):
         losses: a mapping name -> loss module, or a sequence of modules (named ``"0"``, ``"1"``, ...).
         weights: a mapping name -> weight, or a sequence in the order of ``losses``; missing weights default to 1.
             Weights may be changed between steps with :meth:`set_weight` (e.g. by a schedule).
+        term_kwargs: optional mapping term name -> the ``forward`` keyword names that term receives (``[]`` for
+            none); terms not named receive every keyword their ``forward`` accepts.
     """
 
     def __init__(
         self,
         losses: Mapping[str, nn.Module] | Sequence[nn.Module],
         weights: Mapping[str, float] | Sequence[float] | None = None,
+        term_kwargs: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(losses, Mapping):
@@ -86,6 +89,11 @@ class CompoundLoss(nn.Module):
         self.weights: dict[str, float] = {}
         for name in named:
             self.set_weight(name, weights.get(name, 1.0))
+        term_kwargs = dict(term_kwargs or {})
+        unknown = set(term_kwargs) - set(named)
+        if unknown:
+            raise ValueError(f"`term_kwargs` names unknown loss terms {sorted(unknown)}; terms are {list(named)}.")
+        self.term_kwargs = {name: frozenset(keys) for name, keys in term_kwargs.items()}
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, name: str, value: float) -> None:
@@ -103,7 +111,9 @@ class CompoundLoss(nn.Module):
             w = self.weights[name]
             if w == 0.0:
                 continue  # a switched-off term (e.g. before its warm-up ends) costs nothing
-            value = call_loss(loss, input, target, **kwargs)
+            allowed = self.term_kwargs.get(name)
+            term_kw = kwargs if allowed is None else {k: v for k, v in kwargs.items() if k in allowed}
+            value = call_loss(loss, input, target, **term_kw)
             terms[name] = value.detach()
             total = w * value if total is None else total + w * value
         self.last_terms = terms

@@ -69,10 +69,9 @@ class SkeletonRecallLoss(nn.Module):
                                      "skel": segloss.SkeletonRecallLoss(softmax=True)})
         value = loss(logits, label, skeleton=skeleton)  # dice/ce see `label`, skel sees `skeleton`
 
-    MONAI's ``SoftclDiceLoss`` / ``SoftDiceclDiceLoss`` (Shit et al., CVPR 2021) instead skeletonise prediction
-    and segmentation on the fly by iterated soft min/max pooling; they take probabilities and a one-hot
-    segmentation (``SoftclDiceLoss()(torch.softmax(logits, 1), one_hot(label))``) and can be summed with the
-    terms above the same way, at the cost of those pooling iterations, which this loss avoids.
+    MONAI's ``SoftclDiceLoss`` (Shit et al., CVPR 2021) instead skeletonises prediction and segmentation on the
+    fly by iterated soft min/max pooling, at a cost this loss avoids; in MONAI 1.6 it takes logits and a label map
+    (``SoftclDiceLoss(softmax=True, to_onehot_y=True)``) and is a term of the same ``CompoundLoss`` as it is.
 
     Args:
         include_background: use channel 0 when there are several channels (one channel is always used).
