@@ -324,11 +324,12 @@ def class_sums(
                 pred_sum = torch.bmm(pp, w_lab.unsqueeze(-1)).squeeze(-1)
         else:
             g = target.dense
-            if w is not None:
-                # w is (B,1,N) or (B,C,N); masking p and g is what MONAI does.
-                p = p * w
-                g = g * w
             if soft_label:
+                if w is not None:
+                    # each norm term is a per-voxel sum of |.| (or |.|^2): scale by w (or sqrt(w)) so every voxel
+                    # counts w times; for a 0/1 ignore mask this is MONAI's masking of p and g
+                    s = w.sqrt() if squared_pred else w
+                    p, g = p * s, g * s
                 order = 2 if squared_pred else 1
                 pn = torch.linalg.vector_norm(p, ord=order, dim=-1)
                 gn = torch.linalg.vector_norm(g, ord=order, dim=-1)
@@ -338,9 +339,12 @@ def class_sums(
                 tp = (pn + gn - dn) / 2
                 pred_sum, target_sum = pn, gn
             else:
-                tp = (p * g).sum(-1)
-                pred_sum = (p * p).sum(-1) if squared_pred else p.sum(-1)
-                target_sum = (g * g).sum(-1) if squared_pred else g.sum(-1)
+                # w is (B,1,N) or (B,C,N); it multiplies each voxel's term once (a label map gets the same sums)
+                pw = p if w is None else p * w
+                tp = (pw * g).sum(-1)
+                pred_sum = (pw * p).sum(-1) if squared_pred else pw.sum(-1)
+                gw = g if w is None else g * w
+                target_sum = (gw * g).sum(-1) if squared_pred else gw.sum(-1)
         if batch:
             tp, pred_sum, target_sum = tp.sum(0), pred_sum.sum(0), target_sum.sum(0)
             if sync_batch:

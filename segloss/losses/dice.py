@@ -1,0 +1,985 @@
+"""Dice-family overlap losses, drop-ins for MONAI 1.6.1's ``DiceLoss``, ``GeneralizedDiceLoss``, ``DiceCELoss`` and
+``DiceFocalLoss`` (plus ``JaccardLoss``), on the shared input path :mod:`segloss.losses.inputs`.
+
+All per-class statistics come from :func:`~segloss.losses.inputs.class_sums`: float32 with autocast off, an integer
+label map is never expanded to a one-hot volume (``tp`` is gathered/scattered at the labels), ``ignore_index`` and
+a per-voxel ``weight_map`` enter as one voxel weight, and ``batch=True, sync_batch=True`` all-reduces the per-class
+sums across ``torch.distributed`` ranks so N ranks give the loss of one process holding the whole batch.
+
+References:
+    Milletari et al., "V-Net: Fully Convolutional Neural Networks for Volumetric Medical Image Segmentation", 3DV 2016.
+    Sudre et al., "Generalised Dice overlap as a deep learning loss function for highly unbalanced segmentations",
+    DLMIA 2017.
+    Wang & Blaschko, "Jaccard Metric Losses" (NeurIPS 2023) and "Dice Semimetric Losses" (MICCAI 2023) for
+    ``soft_label``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from segloss.losses.cross_entropy import Weight, checked_buffer, per_class_vector, safe_ratio, weighted_cross_entropy
+from segloss.losses.focal import focal_loss
+from segloss.losses.inputs import (
+    Target,
+    _plain,
+    activate,
+    all_reduce_sum,
+    check_finite,
+    check_reduction,
+    class_sums,
+    prepare_target,
+    reduce_loss,
+    validate_act_args,
+)
+
+__all__ = [
+    "DiceCELoss",
+    "DiceFocalLoss",
+    "DiceLoss",
+    "GeneralizedDiceLoss",
+    "JaccardLoss",
+    "dice_ce_loss",
+    "dice_focal_loss",
+    "dice_loss",
+    "generalized_dice_loss",
+]
+
+EMPTY_TARGET = ("smooth", "fp_rate")
+
+
+class ClassStats(NamedTuple):
+    """Per-class soft confusion sums of the classes used, ``(B, n)`` or (``batch``) ``(n,)``, float32.
+
+    ``count`` is the (weighted) number of valid voxels behind each entry, broadcastable to ``tp``; it is only
+    computed when asked for (``empty_target="fp_rate"``). ``ce_sum`` is the fused cross-entropy sum
+    ``sum_v w_v cw_t (-log p_t)`` and ``ce_den`` its ``"mean"`` denominator ``sum_v w_v cw_t`` (torch's weighted
+    mean) when asked for and the fused path applies, else None.
+    """
+
+    tp: torch.Tensor
+    pred_sum: torch.Tensor
+    target_sum: torch.Tensor
+    count: torch.Tensor | None
+    spatial_ndim: int
+    ce_sum: torch.Tensor | None = None
+    ce_den: torch.Tensor | None = None
+
+
+class _SoftmaxLabelStats(torch.autograd.Function):
+    """Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
+    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
+
+    Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
+    softmax gradient alive at once; here only ``p`` is saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``),
+    voxel weight ``w`` and ``k_v = dL/dCE w_v cw_t``::
+
+        H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
+        dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
+
+    ``batch`` / ``sync_batch`` reduce the sums inside ``class_sums``; the backward then broadcasts the ``(C,)``
+    gradients over the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would.
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tgt, squared_pred, batch, sync_batch, ce_weight, with_ce):
+        labels, w = tgt.labels, tgt.weight  # (B, N), (B, 1, N) or None
+        ce_sum = x.new_zeros(())
+        if with_ce:
+            p = torch.log_softmax(x, 1)
+            nll = -p.gather(1, labels.unsqueeze(1))  # (B, 1, N)
+            if ce_weight is not None:
+                nll = nll * ce_weight[labels].unsqueeze(1)
+            ce_sum = (nll if w is None else nll * w).sum()
+            p = p.exp_()  # one (B, C, N) buffer for log p, then p
+        else:
+            p = torch.softmax(x, 1)
+        tp, ps, ts = class_sums(p, tgt, batch=batch, squared_pred=squared_pred, sync_batch=sync_batch)
+        ctx.save_for_backward(p, labels, w, ce_weight)
+        ctx.flags = (squared_pred, batch, sync_batch)
+        ctx.mark_non_differentiable(ts)
+        return tp, ps, ts, ce_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
+        p, labels, w, ce_weight = ctx.saved_tensors
+        squared_pred, batch, sync_batch = ctx.flags
+        if sync_batch:
+            g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
+        B = p.shape[0]
+        if batch:
+            g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
+        idx = labels.unsqueeze(1)
+        grad = p * g_ps.unsqueeze(-1)
+        if squared_pred:
+            grad.mul_(p).mul_(2)
+        if w is not None:
+            grad.mul_(w)
+        at_label = p.gather(1, idx) * g_tp.gather(1, labels).unsqueeze(1)  # p_t b_t, (B, 1, N)
+        if w is not None:
+            at_label = at_label * w
+        coef = -(grad.sum(1, keepdim=True) + at_label)
+        k = g_ce.expand(B, 1, labels.shape[1])
+        if ce_weight is not None:
+            k = k * ce_weight[labels].unsqueeze(1)
+        if w is not None:
+            k = k * w
+        grad.addcmul_(p, coef + k)
+        grad.scatter_add_(1, idx, at_label - k)
+        return grad, None, None, None, None, None, None
+
+
+def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
+    if empty_target not in EMPTY_TARGET:
+        raise ValueError(f"`empty_target` must be one of {EMPTY_TARGET}, got {empty_target!r}.")
+    if sync_batch and not batch:
+        raise ValueError("`sync_batch=True` all-reduces batch statistics and needs `batch=True`.")
+
+
+def class_stats(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_map: torch.Tensor | None = None,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    ignore_index: int | None = None,
+    batch: bool = False,
+    squared_pred: bool = False,
+    soft_label: bool = False,
+    sync_batch: bool = False,
+    with_count: bool = False,
+    with_ce: bool = False,
+    ce_weight: Weight = None,
+) -> ClassStats:
+    """Validate, activate and reduce ``input`` ``(B, C, *)`` against ``target`` to :class:`ClassStats`.
+
+    The shared front half of every overlap loss here. A one-channel ``input`` takes a ``(B, *)`` target as a
+    binary mask (as ``(B, 1, *)``), not as class indices. ``include_background=False`` drops channel 0 after the
+    activation (MONAI; ignored with a warning for one channel).
+
+    ``softmax`` with a label map takes the fused path (:class:`_SoftmaxLabelStats`); there ``with_ce`` also
+    returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
+    """
+    validate_act_args(sigmoid, softmax, other_act)
+    check_finite(input, "input")
+    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
+    ce_sum = ce_den = None
+    if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
+        B, C = input.shape[:2]
+        with torch.autocast(input.device.type, enabled=False):
+            x = _plain(input).float().reshape(B, C, -1)
+            cw = None if ce_weight is None else per_class_vector(ce_weight, C, "weight", x.device)
+            tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, cw, with_ce)
+        if with_ce:
+            v = None if tgt.weight is None else tgt.weight[:, 0]
+            if cw is not None:
+                v = cw[tgt.labels] if v is None else v * cw[tgt.labels]
+            ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
+        else:
+            ce_sum = None
+    else:
+        p = activate(input, sigmoid=sigmoid, softmax=softmax, other_act=other_act)
+        if p.shape != input.shape:
+            raise ValueError(f"`other_act` must keep the input's shape {tuple(input.shape)}, got {tuple(p.shape)}.")
+        tp, ps, ts = class_sums(
+            p, tgt, batch=batch, squared_pred=squared_pred, soft_label=soft_label, sync_batch=sync_batch
+        )
+    start = _start(include_background, input.shape[1])
+    count = _count(input, tgt, batch, sync_batch) if with_count else None
+    if start:
+        tp, ps, ts = tp[..., start:], ps[..., start:], ts[..., start:]
+        if count is not None and count.shape[-1] > 1:
+            count = count[..., start:]
+    return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
+
+
+def _start(include_background: bool, C: int) -> int:
+    if include_background:
+        return 0
+    if C == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        return 0
+    return 1
+
+
+def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:
+    """Weighted number of valid voxels per (item, class): ``(B, 1)``/``(B, C)``, or ``(1,)``/``(C,)`` with batch."""
+    w = tgt.weight
+    count = torch.full((x.shape[0], 1), float(x[0, 0].numel()), device=x.device) if w is None else w.sum(-1)
+    if batch:
+        count = count.sum(0)
+        if sync_batch:
+            count = all_reduce_sum(count)
+    return count
+
+
+def empty_to_fp_rate(f: torch.Tensor, s: ClassStats) -> torch.Tensor:
+    """``empty_target="fp_rate"``: where a class is absent from the target (``target_sum == 0``) the loss is
+    ``pred_sum / count``, the mean predicted probability over the valid voxels (0 if none is valid)."""
+    return torch.where(s.target_sum == 0, safe_ratio(s.pred_sum, s.count), f)
+
+
+def dice_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_map: torch.Tensor | None = None,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Weight = None,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    sync_batch: bool = False,
+    empty_target: str = "smooth",
+) -> torch.Tensor:
+    """Functional form of :class:`DiceLoss` (same arguments; see there for shapes, maths and conventions)."""
+    reduction = check_reduction(reduction)
+    check_options(empty_target, batch, sync_batch)
+    s = class_stats(
+        input,
+        target,
+        weight_map,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        ignore_index=ignore_index,
+        batch=batch,
+        squared_pred=squared_pred,
+        soft_label=soft_label,
+        sync_batch=sync_batch,
+        with_count=empty_target == "fp_rate",
+    )
+    return dice_from_stats(s, jaccard, smooth_nr, smooth_dr, weight, empty_target, reduction)
+
+
+def dice_from_stats(
+    s: ClassStats,
+    jaccard: bool,
+    smooth_nr: float,
+    smooth_dr: float,
+    weight: Weight,
+    empty_target: str,
+    reduction: str,
+) -> torch.Tensor:
+    tp, ps, ts = s.tp, s.pred_sum, s.target_sum
+    # Dice: 2tp / (2tp + fp + fn) = 2tp / (ps + ts);  Jaccard: tp / (tp + fp + fn), written as 2tp / 2(...) as MONAI.
+    den = 2 * (ps + ts - tp) if jaccard else ps + ts
+    f = 1.0 - (2 * tp + smooth_nr) / (den + smooth_dr)
+    if empty_target == "fp_rate":
+        f = empty_to_fp_rate(f, s)
+    n = tp.shape[-1]
+    if weight is not None and n != 1:  # MONAI applies the class weight only with more than one class
+        f = f * per_class_vector(weight, n, "weight", f.device)
+    return reduce_loss(f, reduction, s.spatial_ndim)
+
+
+def generalized_dice_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_map: torch.Tensor | None = None,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    w_type: str = "square",
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    soft_label: bool = False,
+    ignore_index: int | None = None,
+    sync_batch: bool = False,
+    empty_target: str = "smooth",
+) -> torch.Tensor:
+    """Functional form of :class:`GeneralizedDiceLoss` (same arguments; see there)."""
+    reduction = check_reduction(reduction)
+    w_type = _check_w_type(w_type)
+    check_options(empty_target, batch, sync_batch)
+    s = class_stats(
+        input,
+        target,
+        weight_map,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        ignore_index=ignore_index,
+        batch=batch,
+        soft_label=soft_label,
+        sync_batch=sync_batch,
+        with_count=empty_target == "fp_rate",
+    )
+    tp, ps, ts = s.tp, s.pred_sum, s.target_sum
+    if w_type == "simple":
+        w = ts.reciprocal()
+    elif w_type == "square":
+        w = (ts * ts).reciprocal()
+    else:
+        w = torch.ones_like(ts)
+    # MONAI: an empty class (infinite weight) gets the largest finite weight of its row (of all, with batch)
+    infs = torch.isinf(w)
+    w = w.masked_fill(infs, 0.0)
+    w = w + infs * w.amax(-1, keepdim=True)
+    numer = 2.0 * (tp * w).sum(-1, keepdim=True) + smooth_nr
+    denom = ((ps + ts) * w).sum(-1, keepdim=True) + smooth_dr
+    f = 1.0 - numer / denom  # (B, 1), or (1,) with batch
+    if empty_target == "fp_rate":
+        # only an item with no target voxel in any class used is "empty": then its loss is the mean over classes
+        # of the mean predicted probability (MONAI gives 1 - smooth_nr / smooth_dr = 0 there, whatever the prediction)
+        fp_rate = safe_ratio(ps, s.count).mean(-1, keepdim=True)
+        f = torch.where(ts.sum(-1, keepdim=True) == 0, fp_rate, f)
+    return reduce_loss(f, reduction, s.spatial_ndim)
+
+
+def _check_w_type(w_type: str) -> str:
+    w_type = str(getattr(w_type, "value", w_type)).lower()
+    if w_type not in ("square", "simple", "uniform"):
+        raise ValueError(f'`w_type` must be one of "square", "simple", "uniform", got {w_type!r}.')
+    return w_type
+
+
+def _check_lambda(value: float, name: str) -> float:
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(f"{name} should be no less than 0.0.")
+    return value
+
+
+def dice_ce_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_map: torch.Tensor | None = None,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    weight: Weight = None,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int | None = None,
+    sync_batch: bool = False,
+    empty_target: str = "smooth",
+    sigmoid_ce: bool = False,
+    ce_weighted_mean: bool = False,
+) -> torch.Tensor:
+    """Functional form of :class:`DiceCELoss` (same arguments; see there)."""
+    reduction = check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError('`reduction` must be "mean" or "sum" for DiceCELoss (as MONAI), got "none".')
+    lambda_dice, lambda_ce = _check_lambda(lambda_dice, "lambda_dice"), _check_lambda(lambda_ce, "lambda_ce")
+    C = input.shape[1] if input.ndim >= 2 else 1
+    dice_weight = weight
+    if weight is not None and not include_background:
+        dice_weight = torch.as_tensor(weight)
+        dice_weight = dice_weight[1:] if dice_weight.ndim else dice_weight  # MONAI: the CE weight without class 0
+    check_options(empty_target, batch, sync_batch)
+    bce = C == 1 or (sigmoid_ce and sigmoid)
+    s = class_stats(
+        input,
+        target,
+        weight_map,
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        ignore_index=ignore_index,
+        batch=batch,
+        squared_pred=squared_pred,
+        sync_batch=sync_batch,
+        with_count=empty_target == "fp_rate",
+        with_ce=not bce and label_smoothing == 0,
+        ce_weight=weight,
+    )
+    dice = dice_from_stats(s, jaccard, smooth_nr, smooth_dr, dice_weight, empty_target, reduction)
+    if s.ce_sum is not None:  # softmax + label map: the CE came from the same softmax
+        ce = s.ce_sum if reduction == "sum" else safe_ratio(s.ce_sum, s.ce_den)
+        return lambda_dice * dice + lambda_ce * ce
+    common = dict(to_onehot_y=to_onehot_y, ignore_index=ignore_index, reduction=reduction)
+    if bce:
+        # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing, for one channel only
+        ce = weighted_cross_entropy(
+            input,
+            target,
+            weight_map,
+            sigmoid=True,
+            pos_weight=weight,
+            label_smoothing=label_smoothing if C > 1 else 0.0,
+            **common,
+        )
+    else:
+        dense_mean = weight is not None and reduction == "mean" and not ce_weighted_mean
+        dense_mean = dense_mean and not (to_onehot_y or target.ndim < input.ndim or target.shape[1] == 1)
+        ce = weighted_cross_entropy(
+            input,
+            target,
+            weight_map,
+            class_weight=weight,
+            label_smoothing=label_smoothing,
+            **(common | ({"reduction": "sum"} if dense_mean else {})),
+        )
+        if dense_mean:
+            # torch (so MONAI) divides a class-weighted CE with probability targets by the voxel count
+            tgt = prepare_target(input, target, ignore_index=ignore_index, weight_map=weight_map)
+            voxels = target[:, 0].numel() if tgt.weight is None else tgt.weight.amin(1).sum()
+            ce = safe_ratio(ce, voxels)
+    return lambda_dice * dice + lambda_ce * ce
+
+
+def dice_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight_map: torch.Tensor | None = None,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool = False,
+    other_act: Callable | None = None,
+    squared_pred: bool = False,
+    jaccard: bool = False,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    gamma: float = 2.0,
+    weight: Weight = None,
+    lambda_dice: float = 1.0,
+    lambda_focal: float = 1.0,
+    alpha: Weight = None,
+    ignore_index: int | None = None,
+    sync_batch: bool = False,
+    empty_target: str = "smooth",
+    use_softmax: bool = False,
+) -> torch.Tensor:
+    """Functional form of :class:`DiceFocalLoss` (same arguments; see there)."""
+    lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
+    lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
+    common = dict(
+        include_background=include_background,
+        to_onehot_y=to_onehot_y,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
+    dice = dice_loss(
+        input,
+        target,
+        weight_map,
+        sigmoid=sigmoid,
+        softmax=softmax,
+        other_act=other_act,
+        squared_pred=squared_pred,
+        jaccard=jaccard,
+        smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr,
+        batch=batch,
+        sync_batch=sync_batch,
+        empty_target=empty_target,
+        **common,
+    )
+    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)  # a (B,*) binary mask for a one-channel input, as in the Dice term
+    # ce_mean: "mean" divides by the valid voxels whether or not ignore_index is set (ignoring == cropping)
+    focal = focal_loss(
+        input, target, weight_map, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common
+    )
+    return lambda_dice * dice + lambda_focal * focal
+
+
+class _Options(nn.Module):
+    """Holds the options shared by the Dice-family modules and checks them once, at construction."""
+
+    def _set_common(
+        self,
+        include_background,
+        to_onehot_y,
+        sigmoid,
+        softmax,
+        other_act,
+        reduction,
+        smooth_nr,
+        smooth_dr,
+        batch,
+        ignore_index,
+        sync_batch,
+        empty_target,
+    ) -> None:
+        validate_act_args(sigmoid, softmax, other_act)
+        check_options(empty_target, batch, sync_batch)
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self.other_act = other_act
+        self.reduction = check_reduction(reduction)
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.batch = batch
+        self.ignore_index = ignore_index
+        self.sync_batch = sync_batch
+        self.empty_target = empty_target
+
+    def _common(self) -> dict:
+        names = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr")
+        names += ("smooth_dr", "batch", "ignore_index", "sync_batch", "empty_target")
+        return {k: getattr(self, k) for k in names}
+
+
+_SHARED_ARGS = """
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`."""
+
+_EMPTY_DOC = """
+    **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
+    ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
+    confident *correct* prediction of 3e-7 per voxel over 1e6 voxels still costs ~0.99 and the gradient pushes
+    an already-empty prediction (``empty_target="smooth"``, the default). ``empty_target="fp_rate"`` instead makes
+    the loss of such an entry the mean predicted probability over its valid voxels, ``sum_v w_v p_v / sum_v w_v``
+    (``p^2`` with ``squared_pred``): 3e-7 costs ~3e-7, predicting 1 everywhere costs 1, and with every voxel
+    ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch."""
+
+
+class DiceLoss(_Options):
+    """Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
+
+    For probabilities ``p`` (``input`` after the activation) and target ``g``, per item ``b`` (or over the batch
+    with ``batch=True``) and class ``c``, with voxel weights ``w`` (0 where ignored, else ``weight_map``)::
+
+        tp = sum_v w p g,   P = sum_v w p  (w p^2 with squared_pred),   G = sum_v w g  (w g^2)
+        dice:    f = 1 - (2 tp + smooth_nr) / (P + G + smooth_dr)
+        jaccard: f = 1 - (2 tp + smooth_nr) / (2 (P + G - tp) + smooth_dr)
+
+    times the class ``weight`` (applied, as MONAI, only with more than one class used), then reduced:
+    ``"none"`` gives MONAI's broadcastable ``(B, n, 1, ...)`` (``(n, 1, ...)`` with ``batch``). ``soft_label``
+    uses the L1/L2-norm form of ``tp`` (Wang & Blaschko 2023), exact for soft targets. Every value and input
+    gradient equals MONAI's for the options MONAI has.
+    """
+
+    __doc__ += (
+        _EMPTY_DOC
+        + """
+
+    Beyond MONAI: ``weight_map`` in :meth:`forward`, ``sync_batch``, ``empty_target``; label maps never expanded
+    to one-hot (with ``softmax=True`` the softmax and sums have a closed-form backward that keeps only the
+    probabilities and the input gradient); float32 sums under autocast; ``ValueError`` naming the bad argument.
+
+    Args:"""
+        + _SHARED_ARGS
+        + """
+        squared_pred: square ``p`` and ``g`` in the denominator.
+        jaccard: soft Jaccard (IoU) instead of Dice.
+        weight: class weight, scalar or one value per class used (``C - 1`` without background), >= 0.
+        soft_label: exact formulation for soft (non-binary) targets.
+
+    Example::
+
+        loss = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
+        value = loss(logits, label)  # logits (B,C,H,W[,D]), label (B,1,H,W[,D]) integer
+    """
+    )
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Weight = None,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        *,
+        sync_batch: bool = False,
+        empty_target: str = "smooth",
+    ) -> None:
+        super().__init__()
+        self._set_common(
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            smooth_nr,
+            smooth_dr,
+            batch,
+            ignore_index,
+            sync_batch,
+            empty_target,
+        )
+        self.squared_pred = squared_pred
+        self.jaccard = jaccard
+        self.soft_label = soft_label
+        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            input: ``(B, C, *spatial)`` logits (with an activation) or probabilities, 2D or 3D.
+            target: label map ``(B, 1, *)`` / ``(B, *)`` (integer or whole-number float), or dense ``(B, C, *)``
+                one-hot / multi-label / soft; for one channel a binary mask ``(B, 1, *)`` / ``(B, *)``.
+            weight_map: optional non-negative voxel weights ``(B, 1, *)`` / ``(B, *)`` (``(B, C, *)`` with a
+                dense target).
+        """
+        return dice_loss(
+            input,
+            target,
+            weight_map,
+            squared_pred=self.squared_pred,
+            jaccard=self.jaccard,
+            weight=self.class_weight,
+            soft_label=self.soft_label,
+            **self._common(),
+        )
+
+
+class JaccardLoss(DiceLoss):
+    """Soft Jaccard (IoU) loss: :class:`DiceLoss` with ``jaccard=True`` (keyword arguments as DiceLoss)."""
+
+    def __init__(self, **kwargs) -> None:
+        if "jaccard" in kwargs:
+            raise ValueError("JaccardLoss sets `jaccard=True` itself; use DiceLoss for the Dice form.")
+        super().__init__(jaccard=True, **kwargs)
+
+
+class GeneralizedDiceLoss(_Options):
+    """Generalised Dice loss of Sudre et al. (DLMIA 2017), a drop-in for MONAI 1.6.1's ``GeneralizedDiceLoss``.
+
+    With the per-class sums of :class:`DiceLoss` (no squaring) and class weights ``r_c`` from the target volume
+    ``G_c`` (``w_type``: ``"square"`` ``1/G_c^2``, ``"simple"`` ``1/G_c``, ``"uniform"`` 1)::
+
+        f = 1 - (2 sum_c r_c tp_c + smooth_nr) / (sum_c r_c (P_c + G_c) + smooth_dr)
+
+    per item (``(B, 1)``), or once over the batch with ``batch=True``. As MONAI, a class absent from the target
+    (infinite ``r_c``) gets the largest finite weight of the item (of the batch with ``batch``), and an item whose
+    every class used is empty gives ``1 - smooth_nr / smooth_dr`` (0 by default) whatever the prediction.
+    ``"none"`` gives ``(B, 1, 1, ...)``.
+
+    ``empty_target="fp_rate"`` acts on the items with no target voxel in any class used (e.g. no foreground with
+    ``include_background=False``): their loss is the class-mean of the mean predicted probability over the valid
+    voxels, so false positives are penalised there (individual empty classes keep MONAI's max weight, which
+    already counts their false positives in the denominator).
+
+    Args:"""
+
+    __doc__ += (
+        _SHARED_ARGS
+        + """
+        w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
+        soft_label: exact formulation for soft (non-binary) targets.
+    """
+    )
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        w_type: str = "square",
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        soft_label: bool = False,
+        ignore_index: int | None = None,
+        *,
+        sync_batch: bool = False,
+        empty_target: str = "smooth",
+    ) -> None:
+        super().__init__()
+        self._set_common(
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            smooth_nr,
+            smooth_dr,
+            batch,
+            ignore_index,
+            sync_batch,
+            empty_target,
+        )
+        self.w_type = _check_w_type(w_type)
+        self.soft_label = soft_label
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Shapes as :meth:`DiceLoss.forward`."""
+        return generalized_dice_loss(
+            input, target, weight_map, w_type=self.w_type, soft_label=self.soft_label, **self._common()
+        )
+
+
+class DiceCELoss(_Options):
+    """``lambda_dice * Dice + lambda_ce * cross-entropy``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceCELoss``.
+
+    The Dice term is :func:`dice_loss`; the CE term is :func:`~segloss.losses.cross_entropy.weighted_cross_entropy`
+    on the raw logits (the activation options act on the Dice term only). ``reduction`` is ``"mean"`` or
+    ``"sum"`` (MONAI has no ``"none"`` here). ``ignore_index`` and ``weight_map`` reach both terms.
+
+    MONAI conventions kept (defaults), with the opt-outs:
+
+    - one input channel: the CE term is ``BCEWithLogits`` with ``weight`` as its ``pos_weight`` and no label
+      smoothing. With ``C > 1`` it is the softmax CE even when ``sigmoid=True`` (multi-label targets are then read
+      as probabilities); ``sigmoid_ce=True`` uses BCE (``pos_weight=weight``, smoothed) whenever ``sigmoid=True``.
+    - ``weight`` has one entry per channel (``C``) and is the CE class weight; with
+      ``include_background=False`` the Dice term gets ``weight[1:]``.
+    - CE ``"mean"`` with ``weight``: for a label map it is torch's weighted mean ``sum w_y l / sum w_y``; for a
+      dense (one-hot) target torch divides by the voxel count instead. ``ce_weighted_mean=True`` uses the
+      weighted mean for dense targets too (a one-hot target then gives the label map's value).
+
+    Beyond MONAI: ``ignore_index`` (MONAI's DiceCELoss has none), ``weight_map``, ``sync_batch`` and
+    ``empty_target`` (Dice term). With ``softmax=True``, a label map and no label smoothing both terms share one
+    log-softmax buffer and a closed-form backward (about half MONAI's peak memory).
+
+    Args:"""
+
+    __doc__ += (
+        _SHARED_ARGS
+        + """
+        squared_pred, jaccard: as :class:`DiceLoss`.
+        weight: per-class weight (length ``C``) or scalar: CE class weight (BCE ``pos_weight`` for one channel)
+            and Dice class weight (``weight[1:]`` without background).
+        lambda_dice, lambda_ce: term weights, >= 0.
+        label_smoothing: CE label smoothing in [0, 1] (not applied to MONAI's one-channel BCE).
+        sigmoid_ce, ce_weighted_mean: see above (default False = MONAI).
+
+    Example::
+
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        value = loss(logits, label, weight_map=border_weights)
+    """
+    )
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        weight: Weight = None,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        label_smoothing: float = 0.0,
+        *,
+        ignore_index: int | None = None,
+        sync_batch: bool = False,
+        empty_target: str = "smooth",
+        sigmoid_ce: bool = False,
+        ce_weighted_mean: bool = False,
+    ) -> None:
+        super().__init__()
+        self._set_common(
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            smooth_nr,
+            smooth_dr,
+            batch,
+            ignore_index,
+            sync_batch,
+            empty_target,
+        )
+        if self.reduction == "none":
+            raise ValueError('`reduction` must be "mean" or "sum" for DiceCELoss (as MONAI), got "none".')
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
+        self.squared_pred = squared_pred
+        self.jaccard = jaccard
+        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
+        self.lambda_ce = _check_lambda(lambda_ce, "lambda_ce")
+        self.label_smoothing = float(label_smoothing)
+        self.sigmoid_ce = sigmoid_ce
+        self.ce_weighted_mean = ce_weighted_mean
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Shapes as :meth:`DiceLoss.forward`; ``input`` must be logits (the CE term takes them raw)."""
+        return dice_ce_loss(
+            input,
+            target,
+            weight_map,
+            squared_pred=self.squared_pred,
+            jaccard=self.jaccard,
+            weight=self.class_weight,
+            lambda_dice=self.lambda_dice,
+            lambda_ce=self.lambda_ce,
+            label_smoothing=self.label_smoothing,
+            sigmoid_ce=self.sigmoid_ce,
+            ce_weighted_mean=self.ce_weighted_mean,
+            **self._common(),
+        )
+
+
+class DiceFocalLoss(_Options):
+    """``lambda_dice * Dice + lambda_focal * focal``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceFocalLoss``.
+
+    The Dice term is :func:`dice_loss`; the focal term is :func:`~segloss.losses.focal.focal_loss` on the raw
+    logits. As MONAI 1.6.1 (which has no ``use_softmax`` here) the focal term is the **sigmoid** (per-channel
+    binary) focal loss, also with ``softmax=True``; ``use_softmax=True`` takes the softmax focal loss instead
+    (one class per voxel; its ``"mean"`` then divides by the valid voxels, like ``F.cross_entropy`` at
+    ``gamma = 0``). ``include_background``, ``weight`` (one entry per channel *used*, ``C - 1`` without
+    background), ``alpha`` and ``reduction`` reach both terms as in MONAI; ``"none"`` is the broadcast sum of
+    Dice ``(B, n, 1, ...)`` and focal ``(B, n, *spatial)``.
+
+    ``ignore_index`` and ``weight_map`` (not in MONAI's DiceFocalLoss) reach both terms; the focal ``"mean"``
+    always divides by the (weighted) valid voxel count times the channels used, so ignoring voxels equals
+    cropping them (MONAI's FocalLoss drops the channel factor once ``ignore_index`` is set).
+
+    Args:"""
+
+    __doc__ += (
+        _SHARED_ARGS
+        + """
+        squared_pred, jaccard: as :class:`DiceLoss`.
+        gamma: focal exponent, >= 0.
+        weight: class weight (scalar or one per channel used) for both terms.
+        lambda_dice, lambda_focal: term weights, >= 0.
+        alpha: focal alpha (MONAI's conventions, see :class:`~segloss.losses.focal.FocalLoss`).
+        use_softmax: softmax focal term instead of MONAI's sigmoid one.
+    """
+    )
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool = False,
+        other_act: Callable | None = None,
+        squared_pred: bool = False,
+        jaccard: bool = False,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        gamma: float = 2.0,
+        weight: Weight = None,
+        lambda_dice: float = 1.0,
+        lambda_focal: float = 1.0,
+        alpha: float | None = None,
+        *,
+        ignore_index: int | None = None,
+        sync_batch: bool = False,
+        empty_target: str = "smooth",
+        use_softmax: bool = False,
+    ) -> None:
+        super().__init__()
+        self._set_common(
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            smooth_nr,
+            smooth_dr,
+            batch,
+            ignore_index,
+            sync_batch,
+            empty_target,
+        )
+        self.squared_pred = squared_pred
+        self.jaccard = jaccard
+        self.gamma = float(gamma)
+        if not self.gamma >= 0:
+            raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
+        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
+        self.lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
+        if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+        self.alpha = None if alpha is None else float(alpha)
+        self.use_softmax = use_softmax
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Shapes as :meth:`DiceLoss.forward`; ``input`` must be logits (the focal term takes them raw)."""
+        return dice_focal_loss(
+            input,
+            target,
+            weight_map,
+            squared_pred=self.squared_pred,
+            jaccard=self.jaccard,
+            gamma=self.gamma,
+            weight=self.class_weight,
+            lambda_dice=self.lambda_dice,
+            lambda_focal=self.lambda_focal,
+            alpha=self.alpha,
+            use_softmax=self.use_softmax,
+            **self._common(),
+        )
