@@ -83,8 +83,10 @@ def main(argv=None) -> None:
 
     start, step, last_print, running = time.perf_counter(), 0, 0.0, []
     while time.perf_counter() - start < args.seconds:
-        x, y, w = (torch.from_numpy(a).to(device) for a in random_crops(
-            images[train], labels[train], weights[train], args.crop, args.batch, rng))
+        x, y, w = (
+            torch.from_numpy(a).to(device)
+            for a in random_crops(images[train], labels[train], weights[train], args.crop, args.batch, rng)
+        )
         loss = loss_fn(net(x), y.long(), weight_map=w)
         opt.zero_grad(set_to_none=True)
         loss.backward()

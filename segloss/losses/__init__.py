@@ -15,6 +15,8 @@ from segloss.losses.dice import (
 )
 from segloss.losses.focal import FocalLoss, focal_loss
 from segloss.losses.inputs import set_input_checks
+from segloss.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_hinge, lovasz_softmax
+from segloss.losses.schedule import TermWeightSchedule
 from segloss.losses.skeleton_recall import SkeletonRecallLoss
 from segloss.losses.topology import TopologyAwareLoss, TopologyLoss
 from segloss.losses.tversky import FocalTverskyLoss, TverskyLoss, focal_tversky_loss, tversky_loss
@@ -25,3 +27,4 @@ __all__ += ["FocalLoss", "WeightedCrossEntropyLoss", "focal_loss", "weighted_cro
 __all__ += ["DiceCELoss", "DiceFocalLoss", "DiceLoss", "GeneralizedDiceLoss", "JaccardLoss"]
 __all__ += ["dice_ce_loss", "dice_focal_loss", "dice_loss", "generalized_dice_loss"]
 __all__ += ["FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss", "tversky_loss"]
+__all__ += ["LovaszHingeLoss", "LovaszSoftmaxLoss", "TermWeightSchedule", "lovasz_hinge", "lovasz_softmax"]

@@ -1,0 +1,223 @@
+"""Speed and peak memory of segloss losses beside MONAI's and ``torch.nn.functional.cross_entropy``.
+
+Every (loss, implementation, case) runs in a fresh subprocess, so peak memory is not polluted by earlier cases:
+on CUDA it is ``torch.cuda.max_memory_allocated``, on CPU the rise of the process's peak RSS (``ru_maxrss``) over
+the RSS after the inputs were made. Time is the median of ``--repeats`` forward+backward passes after warm-up,
+with a fixed thread count. Targets are integer label maps ``(B,1,*)`` (MONAI with ``to_onehot_y=True``).
+
+    python benchmarks/losses.py                      # all losses, all cases, markdown table on stdout
+    python benchmarks/losses.py --cases 1x14x96^3 --losses dice focal --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {
+    "8x4x256^2": (8, 4, (256, 256)),
+    "2x4x96^3": (2, 4, (96, 96, 96)),
+    "1x14x96^3": (1, 14, (96, 96, 96)),
+    "1x32x128^3": (1, 32, (128, 128, 128)),
+}
+
+# name -> (segloss constructor source, MONAI constructor source or None); evaluated in the worker.
+ONEHOT = "to_onehot_y=True, softmax=True"
+LOSSES = {
+    "cross_entropy": ("segloss.WeightedCrossEntropyLoss()", None),
+    "focal": (
+        "segloss.FocalLoss(to_onehot_y=True, use_softmax=True)",
+        "monai.losses.FocalLoss(to_onehot_y=True, use_softmax=True)",
+    ),
+    "dice": (f"segloss.DiceLoss({ONEHOT})", f"monai.losses.DiceLoss({ONEHOT})"),
+    "generalized_dice": (f"segloss.GeneralizedDiceLoss({ONEHOT})", f"monai.losses.GeneralizedDiceLoss({ONEHOT})"),
+    "tversky": (f"segloss.TverskyLoss({ONEHOT})", f"monai.losses.TverskyLoss({ONEHOT})"),
+    "focal_tversky": (f"segloss.FocalTverskyLoss({ONEHOT})", None),
+    "dice_ce": (f"segloss.DiceCELoss({ONEHOT})", f"monai.losses.DiceCELoss({ONEHOT})"),
+    "dice_focal": (f"segloss.DiceFocalLoss({ONEHOT})", f"monai.losses.DiceFocalLoss({ONEHOT})"),
+}
+BASELINE = "F.cross_entropy"
+MEMORY_REFERENCE = ("dice_ce", "monai")
+# Lovász losses: implementation -> callable source, evaluated in the worker (``_lovasz_fn``) after the inputs are made.
+# All compute the same loss, per image over all classes (kornia's convention): segloss's batched sort, the textbook
+# per-image/per-class loop of ``lovasz_reference.py`` (float32), kornia fed the volume reshaped to 2D (same loss), and
+# ``sort``: the time of segloss's sort of the B*C int32 key rows alone (forward only).
+LOVASZ = {
+    "lovasz_softmax": {
+        "segloss": "segloss.LovaszSoftmaxLoss(per_image=True, classes='all')",
+        "loop": "lambda x, y: lovasz_reference.lovasz_softmax_loop(x.softmax(1), onehot, valid[:, 0], "
+        "classes='all', per_image=True)",
+        "kornia": "lambda x, y: kornia.losses.lovasz_softmax_loss(x.reshape(B, C, -1, W), y.reshape(B, -1, W))",
+        "sort": "sort",
+    },
+    "lovasz_hinge": {
+        "segloss": "segloss.LovaszHingeLoss(per_image=True)",
+        "loop": "lambda x, y: lovasz_reference.lovasz_hinge_loop(x, onehot, valid, per_image=True)",
+        "kornia": "lambda x, y: kornia.losses.lovasz_hinge_loss(x.reshape(B * C, 1, -1, W), "
+        "onehot.reshape(B * C, -1, W))",
+        "sort": "sort",
+    },
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _lovasz_fn(loss_name: str, impl: str, logits, label):
+    """The loss callable of a Lovász entry (see ``LOVASZ``); ``sort`` times the key sort alone."""
+    import kornia  # noqa: F401
+    import lovasz_reference  # noqa: F401  (beside this script)
+    import torch
+    import torch.nn.functional as F
+
+    import segloss  # noqa: F401
+    from segloss.losses.lovasz import _sort_keys
+
+    B, C, W = logits.shape[0], logits.shape[1], logits.shape[-1]  # noqa: F841  (used by the sources)
+    onehot = F.one_hot(label[:, 0], C).movedim(-1, 1).float()  # noqa: F841  (used by the sources)
+    valid = torch.ones_like(onehot, dtype=torch.bool)  # noqa: F841
+    if impl == "sort":
+        keys = torch.rand(B * C, logits[0, 0].numel(), device=logits.device).view(torch.int32)
+        return lambda x, y: _sort_keys(keys)[0]
+    return eval(LOVASZ[loss_name][impl], {**globals(), **locals()})  # the lambdas see the inputs above
+
+
+def worker(loss_name: str, impl: str, case: str, repeats: int, threads: int, device: str) -> dict:
+    import monai  # noqa: F401
+    import torch
+    import torch.nn.functional as F  # noqa: F401
+
+    import segloss  # noqa: F401
+
+    torch.set_num_threads(threads)
+    B, C, spatial = CASES[case]
+    if impl == "torch":
+        loss_fn = lambda x, y: F.cross_entropy(x, y[:, 0])  # noqa: E731
+    elif loss_name not in LOVASZ:
+        source = LOSSES[loss_name][0 if impl == "segloss" else 1]
+        loss_fn = eval(source)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, C, *spatial, generator=g).to(device).requires_grad_(True)
+    label = torch.randint(0, C, (B, 1, *spatial), generator=g).to(device)
+    if loss_name in LOVASZ:
+        loss_fn = _lovasz_fn(loss_name, impl, logits, label)
+
+    def step():
+        logits.grad = None
+        out = loss_fn(logits, label)
+        if out.requires_grad:  # the "sort alone" entry has no backward
+            out.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_mb()
+    step()  # warm-up (and the memory peak)
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "peak_mb": peak}
+
+
+def run_case(loss_name, impl, case, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", loss_name, impl, case]
+    cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--losses", nargs="*", default=[*LOSSES, *LOVASZ], choices=[*LOSSES, *LOVASZ])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--worker", nargs=3, metavar=("LOSS", "IMPL", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.repeats, args.threads, args.device)))
+        return
+
+    results = {}
+    for case in args.cases:
+        results[(BASELINE, "torch", case)] = run_case("cross_entropy", "torch", case, args)
+        results[(*MEMORY_REFERENCE, case)] = run_case(*MEMORY_REFERENCE, case, args)
+        for name in args.losses:
+            for impl in LOVASZ[name] if name in LOVASZ else ("segloss", "monai"):
+                if impl == "monai" and LOSSES[name][1] is None:
+                    continue
+                if (name, impl, case) not in results:
+                    results[(name, impl, case)] = run_case(name, impl, case, args)
+            print(f"done {case}", file=sys.stderr, flush=True)
+
+    print(
+        f"threads={args.threads} device={args.device} repeats={args.repeats} (median ms of forward+backward; "
+        "peak MB above the inputs)\n"
+    )
+    print(
+        "| case | loss | segloss ms | MONAI ms | segloss/MONAI | segloss/CE | segloss MB | MONAI MB "
+        "| segloss MB / MONAI DiceCE MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in args.cases:
+        ce = results[(BASELINE, "torch", case)]
+        ref_mem = results[(*MEMORY_REFERENCE, case)]
+        print(
+            f"| {case} | F.cross_entropy | {ce.get('ms', float('nan')):.1f} | | | 1.00 | {ce.get('peak_mb', 0):.0f} | | |"
+        )
+        for name in args.losses:
+            s = results[(name, "segloss", case)]
+            m = results.get((name, "monai", case), {})
+            if "error" in s:
+                print(f"| {case} | {name} | error: {s['error']} | | | | | | |")
+                continue
+            cells = [f"{s['ms']:.1f}", f"{m['ms']:.1f}" if "ms" in m else "-"]
+            cells.append(f"{s['ms'] / m['ms']:.2f}" if "ms" in m else "-")
+            cells.append(f"{s['ms'] / ce['ms']:.2f}" if "ms" in ce else "-")
+            cells += [f"{s['peak_mb']:.0f}", f"{m['peak_mb']:.0f}" if "peak_mb" in m else "-"]
+            cells.append(f"{s['peak_mb'] / ref_mem['peak_mb']:.2f}" if "peak_mb" in ref_mem else "-")
+            print(f"| {case} | {name} | " + " | ".join(cells) + " |")
+    lovasz = [name for name in args.losses if name in LOVASZ]
+    if lovasz:
+        print("\nLovász losses, per image over all classes (ms of forward+backward; sort: forward only)\n")
+        print(
+            "| case | loss | segloss ms | loop ms | kornia ms | sort alone ms | segloss/loop | segloss/kornia | segloss/CE |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for case in args.cases:
+            ce = results[(BASELINE, "torch", case)].get("ms")
+            for name in lovasz:
+                ms = {impl: results[(name, impl, case)].get("ms") for impl in LOVASZ[name]}
+                cells = [f"{v:.1f}" if v else "error" for v in ms.values()]
+                s = ms["segloss"]
+                cells += [f"{s / ms[k]:.2f}" if s and ms[k] else "-" for k in ("loop", "kornia")]
+                cells.append(f"{s / ce:.2f}" if s and ce else "-")
+                print(f"| {case} | {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"|".join(k): v for k, v in results.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Lovász-Softmax and Lovász hinge losses of Berman, Rannen Triki and Blaschko, "The Lovász-Softmax loss: a
+tractable surrogate for the optimization of the intersection-over-union measure in neural networks", CVPR 2018.
+
+For one class, let ``e`` be the per-voxel errors (``|g - p|`` of the probability, or the hinge ``1 - x (2g - 1)``
+of the logit) and ``g`` the ground truth. The loss is the Lovász extension of the Jaccard loss
+``Delta_J = 1 - |G ∩ P| / |G ∪ P|`` evaluated at ``e`` (Alg. 1 of the paper): sort ``e`` in decreasing order,
+``e_(1) >= e_(2) >= ...``, and take ``sum_k e_(k) (J_k - J_{k-1})`` where ``J_k`` is the Jaccard loss of
+predicting the first ``k`` sorted voxels wrong, with the cumulative counts ``c_k = sum_{j<=k} g_(j)``, the total
+``G = sum g``, ``I_k = G - c_k`` and ``U_k = G + k - c_k``::
+
+    J_k = 1 - I_k / U_k,      J_k - J_{k-1} = (g_(k) U_k + (1 - g_(k)) I_k) / (U_{k-1} U_k)   (1 when U_{k-1} = 0)
+
+The closed form of the increment (instead of the difference of two ``J``) keeps every term accurate to float
+precision on million-voxel vectors, where ``J_k - J_{k-1} ~ 1/N`` would otherwise cancel.
+
+Vectorised: every (image, class) error vector is a row of one ``(R, N)`` tensor, sorted at once (rows are
+``B * C`` with ``per_image`` and ``C`` otherwise), and the increments come from one cumulative sum. The sort keys
+are the float bits of the non-negative errors read as integers, which order like the values (on the CPU this
+reaches PyTorch's radix sort). Ignored voxels get a key after every valid one and no ground truth, so they sit in
+a tail that changes neither the intersection nor the union of any valid position, and their increment is zeroed:
+the result equals the loss of the compacted vectors exactly (ties included), without copying them per class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from segloss.losses.cross_entropy import Weight, checked_buffer, per_class_vector, safe_ratio
+from segloss.losses.inputs import (
+    _plain,
+    activate,
+    check_finite,
+    check_reduction,
+    input_checks_enabled,
+    prepare_target,
+    validate_act_args,
+)
+
+__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_hinge", "lovasz_softmax"]
+
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# PyTorch's CPU sort takes its radix path (several times faster than the comparison sort it uses otherwise) only for
+# 1D integer tensors sorted ascending with at least this many elements (at::internal::GRAIN_SIZE).
+_RADIX_MIN = 32768
+
+
+def _sort_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable ascending sort of integer ``keys`` ``(..., N)`` along the last dim: ``(sorted, permutation)``."""
+    if keys.device.type != "cpu" or keys.shape[-1] < _RADIX_MIN or keys.element_size() > 4:
+        return torch.sort(keys, dim=-1, stable=True)
+    # CPU: torch's radix sort serves 1D integer tensors only, and is several times faster there than the comparison
+    # sort of a 2D tensor. Prefixing each key (offset to be non-negative) with its row index in the high 32 bits
+    # makes one 1D int64 sort of every row at once that keeps the rows apart and each row in key order.
+    N = keys.shape[-1]
+    flat = keys.reshape(-1, N)
+    offset = 1 << 31
+    row = torch.arange(flat.shape[0], dtype=torch.int64).unsqueeze(-1)
+    combined = (row << 32) | (flat.to(torch.int64) + offset)
+    values, perm = torch.sort(combined.view(-1), stable=True)
+    perm = perm.view_as(flat) - row * N
+    values = ((values.view_as(flat) & 0xFFFFFFFF) - offset).to(keys.dtype)
+    return values.view(keys.shape), perm.view(keys.shape)
+
+
+class _LovaszExtension(torch.autograd.Function):
+    """Lovász extension of the Jaccard loss, one value per row: ``errors`` ``(..., N)`` -> ``(...)``.
+
+    Inputs: ``errors`` (differentiable, ``>= 0``); ``gt`` ``(..., N)`` the ground truth, bool (binary: exact integer
+    counts) or float (soft: counts accumulated in float64), 0 at ignored voxels; ``valid`` bool broadcastable to
+    ``errors`` (False = ignored) or None. Returns the per-row loss and, not differentiable, the per-row
+    ground-truth total ``G``. The backward pass gives each voxel the increment of its sorted position.
+
+    The rows are sorted *ascending* (the CPU radix sort sorts ascending only), so the decreasing order of the paper
+    is read from the end: the voxel at ascending position ``j`` has rank ``k = N - j``, ``I_k = G - c_k`` is the
+    exclusive cumulative sum of ``gt`` up to ``j`` and ``U_k = k + I_k``. Ignored voxels get the key -1, below every
+    error, i.e. last in decreasing order.
+    """
+
+    @staticmethod
+    def forward(ctx, errors, gt, valid):
+        N = errors.shape[-1]
+        # Non-negative floats order like their bits read as integers (a -0.0, read as the lowest key, sorts last in
+        # decreasing order, where an error 0 belongs).
+        keys = errors.view(_INT_OF_WIDTH[errors.element_size()])
+        if valid is not None:
+            keys = keys.masked_fill(~valid, -1)
+        keys, perm = _sort_keys(keys)
+        ignored = None
+        if valid is not None:
+            ignored = keys < 0
+            keys.clamp_min_(0)  # error 0 for the ignored voxels
+        e_sorted = keys.view(errors.dtype)
+        g = gt.expand(errors.shape).gather(-1, perm)
+        rank = torch.arange(N, 0, -1, device=errors.device, dtype=errors.dtype)  # k = N - j
+        if g.dtype == torch.bool:
+            count = g.cumsum(-1, dtype=torch.int32)  # exact
+            total = count[..., -1].to(errors.dtype)
+            # I_k = count - g and U_k = k + I_k. g = 0: U grows by one, the increment is I / (U (U - 1)); g = 1: I drops
+            # by one and U stays, 1 / U. With I, U the g = 0 expressions (I = count): (g ? 1 : I / U) / (U - 1).
+            inter = count.to(errors.dtype)
+            union = inter + rank
+            den = inter + (rank - 1)
+            inc = inter.div_(union).masked_fill_(g, 1.0).div_(den)
+            # U_k = 1 with g = 0 only at k = 1 of a row without ground truth (0/0 above): J jumps from 0 to 1
+            inc[..., -1].masked_fill_(total == 0, 1.0)
+        else:
+            g = g.to(errors.dtype)
+            count = g.cumsum(-1, dtype=torch.float64)
+            total = count[..., -1].to(errors.dtype)
+            inter = (count - g).to(errors.dtype)
+            union = inter + rank
+            union_prev = union - (1 - g)
+            num = g * union + (1 - g) * inter
+            inc = torch.where(union_prev > 0, num / (union_prev * union), 1.0)
+        if ignored is not None:
+            inc.masked_fill_(ignored, 0.0)  # ignored voxels: no increment, no gradient
+        loss = torch.linalg.vecdot(e_sorted, inc)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.empty_like(inc).scatter_(-1, perm, inc))
+        ctx.mark_non_differentiable(total)
+        return loss, total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_total):
+        (inc,) = ctx.saved_tensors
+        return inc * grad_loss.unsqueeze(-1), None, None
+
+
+def _binary_label_channel(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A ``(B, *)`` binary mask for a one-channel input is its ``(B, 1, *)`` dense target (a label map of one
+    channel would only admit the value 0)."""
+    target = _plain(target)
+    return target.unsqueeze(1) if input.shape[1] == 1 and target.ndim == input.ndim - 1 else target
+
+
+def _start(include_background: bool, C: int) -> int:
+    if include_background:
+        return 0
+    if C == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
+        return 0
+    return 1
+
+
+def _selected_classes(classes: str | Sequence[int], C: int, start: int) -> tuple[list[int], bool]:
+    """The class indices whose losses are averaged, and whether only the present ones count."""
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(f'`classes` must be "present", "all" or a list of class indices, got {classes!r}.')
+        return list(range(start, C)), classes == "present"
+    sel = [int(c) for c in classes]
+    if not sel or len(set(sel)) != len(sel) or any(c < start or c >= C for c in sel):
+        raise ValueError(
+            f"`classes` must list distinct class indices in [{start}, {C}) (include_background="
+            f"{not start}), got {list(classes)}."
+        )
+    return sel, False
+
+
+def _lovasz_reduce(
+    row_loss: torch.Tensor,
+    used: torch.Tensor,
+    class_weight: torch.Tensor | None,
+    per_image: bool,
+    reduction: str,
+) -> torch.Tensor:
+    """Weighted mean over the used classes ``(B, n)`` / ``(n,)`` -> per image ``(B,)`` / one value, then reduced.
+
+    An image with no used class (or zero weight on all of them) is left out of the mean over images.
+    """
+    w = used.to(row_loss.dtype)
+    if class_weight is not None:
+        w = w * class_weight
+    wsum = w.sum(-1)
+    value = safe_ratio((w * row_loss).sum(-1), wsum)
+    if not per_image:
+        return value.reshape(1) if reduction == "none" else value
+    if reduction == "none":
+        return value
+    if reduction == "sum":
+        return value.sum()
+    return value.sum() / (wsum > 0).sum().clamp_min(1)  # images counted; 1 if none (every value is 0 then)
+
+
+def _rows(
+    errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, per_image: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Lovász extension per (image, class) ``(B, n)`` or per class over the batch ``(n,)``, the ground-truth
+    totals (same shape) and the valid-voxel counts (None if nothing is ignored).
+
+    ``errors`` and ``gt`` ``(B, n, N)`` (``gt`` bool or float, 0 at ignored voxels); ``valid`` ``(B, 1 or n, N)``
+    bool or None.
+    """
+    B, n, N = errors.shape
+    if not per_image:  # each class's voxels of the whole batch form one row: (n, B*N)
+        errors = errors.transpose(0, 1).reshape(n, B * N)
+        gt = gt.transpose(0, 1).reshape(n, B * N)
+        if valid is not None:
+            valid = valid.transpose(0, 1).reshape(valid.shape[1], B * N)
+    loss, total = _LovaszExtension.apply(errors, gt, valid)
+    count = None if valid is None else valid.sum(-1).expand(total.shape)
+    return loss, total, count
+
+
+def lovasz_softmax(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool = True,
+    to_onehot_y: bool = False,
+    sigmoid: bool = False,
+    softmax: bool | None = None,
+    other_act: Callable | None = None,
+    classes: str | Sequence[int] = "present",
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    weight: Weight = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Functional form of :class:`LovaszSoftmaxLoss` (same arguments; see there for shapes, maths and conventions)."""
+    reduction = check_reduction(reduction)
+    if softmax is None:
+        softmax = not sigmoid and other_act is None
+    validate_act_args(sigmoid, softmax, other_act)
+    check_finite(input, "input")
+    target = _binary_label_channel(input, target)
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index)
+    B, C = input.shape[:2]
+    start = _start(include_background, C)
+    sel, present = _selected_classes(classes, C, start)
+    with torch.autocast(input.device.type, enabled=False):
+        cw = per_class_vector(weight, C - start, "weight", input.device)
+        p = activate(input, sigmoid, softmax, other_act).reshape(B, C, -1)
+        idx = torch.tensor(sel, device=p.device)
+        every = sel == list(range(C))
+        ps = p if every else p.index_select(1, idx)
+        valid = None if tgt.weight is None else tgt.weight > 0
+        if valid is not None and valid.shape[1] > 1:
+            valid = valid.index_select(1, idx)
+        if tgt.labels is not None:
+            labels = tgt.labels if valid is None else tgt.labels.masked_fill(~valid[:, 0], -1)
+            g = labels.unsqueeze(1) == idx.view(1, -1, 1)  # (B, n, N) bool, False at ignored voxels
+        else:
+            g = tgt.dense if every else tgt.dense.index_select(1, idx)
+            if valid is not None:
+                g = g * valid
+        if g.dtype == torch.bool:
+            errors = torch.where(g, 1 - ps, ps)
+            if not (softmax or sigmoid):  # probabilities not ours may leave [0, 1]: keep the errors |g - p|
+                errors = errors.abs()
+        else:
+            errors = (ps - g).abs()
+        loss, total, count = _rows(errors, g, valid, per_image)
+        used = total > 0 if present else torch.ones_like(total, dtype=torch.bool)
+        if count is not None:
+            used = used & (count > 0)
+        if cw is not None:
+            cw = cw.index_select(0, idx - start)
+        return _lovasz_reduce(loss, used, cw, per_image, reduction)
+
+
+def lovasz_hinge(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Functional form of :class:`LovaszHingeLoss` (same arguments; see there for shapes, maths and conventions)."""
+    reduction = check_reduction(reduction)
+    check_finite(input, "input")
+    target = _binary_label_channel(input, target)
+    tgt = prepare_target(input, target, ignore_index=ignore_index)
+    B, C = input.shape[:2]
+    with torch.autocast(input.device.type, enabled=False):
+        x = _plain(input).float().reshape(B, C, -1)
+        valid = None if tgt.weight is None else tgt.weight > 0
+        if tgt.labels is not None:  # class indices: channel c is the one-vs-rest mask of class c
+            labels = tgt.labels if valid is None else tgt.labels.masked_fill(~valid[:, 0], -1)
+            g = labels.unsqueeze(1) == torch.arange(C, device=x.device).view(1, C, 1)
+            errors = torch.where(g, 1 - x, 1 + x)
+        else:
+            g = tgt.dense
+            if input_checks_enabled():
+                lo, hi = torch.aminmax(g)
+                if float(lo) < 0 or float(hi) > 1:
+                    raise ValueError(
+                        f"`target` of the Lovász hinge must lie in [0, 1], found [{float(lo)}, {float(hi)}]."
+                    )
+            if valid is not None:
+                g = g * valid
+            errors = 1 - x * (2 * g - 1)
+        # relu of the hinge: voxels with a non-positive hinge add nothing and sort after the others either way
+        loss, total, count = _rows(errors.relu_(), g, valid, per_image)
+        used = torch.ones_like(total, dtype=torch.bool) if count is None else count > 0
+        return _lovasz_reduce(loss, used, None, per_image, reduction)
+
+
+class LovaszSoftmaxLoss(nn.Module):
+    """Lovász-Softmax loss (Berman et al., CVPR 2018): a convex surrogate of the mean Jaccard loss (1 - IoU).
+
+    For probabilities ``p`` ``(B, C, *spatial)`` (the softmax of the logits by default) and ground truth ``g``
+    (one-hot, or the label map standing for it), the loss of class ``c`` over a set of voxels is the Lovász
+    extension of its Jaccard loss at the errors ``e_v = |g_vc - p_vc|`` (see the module docstring for the sorted
+    increments), computed for all (image, class) pairs by one batched sort. Any number of spatial dims.
+
+    Conventions:
+
+    - ``per_image=False`` (default, the paper's setting for batches): each class is scored once over the voxels of
+      the whole batch, and the loss is the weighted mean over the classes used. ``per_image=True``: each image gets
+      the weighted mean over its classes used, and the loss is the mean over images.
+    - classes used: ``classes="present"`` (default, as the paper's code) takes the classes present in the ground
+      truth (of the image, with ``per_image``, else of the batch); an absent class contributes nothing. ``"all"``
+      takes every class (an absent class then costs its largest probability); a list takes those class indices.
+    - ``include_background=False`` drops class 0 from the classes averaged, but its voxels remain negatives of the
+      other classes (and the softmax still runs over all channels).
+    - ``weight`` (one value per channel, ``C``, or ``C - 1`` without background; a scalar is broadcast) weighs each
+      class's loss, normalised by the sum of the weights of the classes used: ``sum_c w_c l_c / sum_c w_c``.
+    - ``ignore_index`` voxels are left out exactly, as if removed from the volume. An image with no class used (all
+      its voxels ignored, or no selected class present) is left out of the per-image mean; if every image is, the
+      loss is 0 with a zero gradient.
+    - ``reduction``: ``"mean"`` as above; ``"sum"`` sums the per-image losses (``per_image``) and equals ``"mean"``
+      otherwise; ``"none"`` returns the per-image losses ``(B,)`` (0 for images left out), or the batch loss as
+      shape ``(1,)`` without ``per_image``.
+
+    Activation follows MONAI's names: ``softmax=None`` (default) means softmax over the channels unless
+    ``sigmoid=True`` or ``other_act`` is given, so logits go in as in the paper; ``softmax=False`` with neither
+    takes ``input`` as probabilities. For one channel use ``sigmoid=True`` (or :class:`LovaszHingeLoss`); the target
+    is then a binary mask ``(B, 1, *)`` / ``(B, *)``. Targets: a label map ``(B, 1, *)`` / ``(B, *)`` (never expanded
+    to one-hot) or a dense ``(B, C, *)`` one-hot / soft target. Computed in float32 with autocast off. No
+    ``weight_map``: the Lovász extension is defined for sets of voxels, not weighted voxels.
+
+    Args:
+        include_background: if False, class 0 is not among the classes averaged (see above).
+        to_onehot_y: read the target as a label map (MONAI's name; a ``(B, 1, *)`` target with ``C > 1`` channels
+            is read as a label map anyway).
+        sigmoid, softmax, other_act: activation (see above).
+        classes: ``"present"``, ``"all"`` or a list of class indices (not 0 with ``include_background=False``).
+        per_image: score each image separately, then average over images.
+        ignore_index: label (or dense-target value, see :func:`~segloss.losses.inputs.prepare_target`) of the
+            voxels to leave out.
+        weight: class weights (see above), finite and >= 0.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (see above).
+
+    Example::
+
+        loss = LovaszSoftmaxLoss(per_image=True, ignore_index=255)
+        value = loss(logits, label)  # logits (B,C,D,H,W), label (B,1,D,H,W) integer
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        sigmoid: bool = False,
+        softmax: bool | None = None,
+        other_act: Callable | None = None,
+        classes: str | Sequence[int] = "present",
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        weight: Weight = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        validate_act_args(sigmoid, bool(softmax), other_act)
+        if isinstance(classes, str):
+            _selected_classes(classes, 1, 0)  # the class range is checked against the input in forward
+        else:
+            classes = [int(c) for c in classes]
+        self.include_background = include_background
+        self.to_onehot_y = to_onehot_y
+        self.sigmoid = sigmoid
+        self.softmax = softmax
+        self.other_act = other_act
+        self.classes = classes
+        self.per_image = per_image
+        self.ignore_index = ignore_index
+        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: logits (or probabilities, see the activation options) ``(B, C, *spatial)``.
+            target: label map ``(B, 1, *)`` / ``(B, *)`` (integer, or float holding whole numbers) or a dense
+                ``(B, C, *)`` one-hot / soft target.
+        """
+        return lovasz_softmax(
+            input,
+            target,
+            include_background=self.include_background,
+            to_onehot_y=self.to_onehot_y,
+            sigmoid=self.sigmoid,
+            softmax=self.softmax,
+            other_act=self.other_act,
+            classes=self.classes,
+            per_image=self.per_image,
+            ignore_index=self.ignore_index,
+            weight=self.class_weight,
+            reduction=self.reduction,
+        )
+
+
+class LovaszHingeLoss(nn.Module):
+    """Lovász hinge loss (Berman et al., CVPR 2018): a convex surrogate of the binary Jaccard loss, on logits.
+
+    For logits ``x`` and a binary ground truth ``g`` with signs ``s = 2g - 1``, the errors are the hinges
+    ``e_v = max(0, 1 - x_v s_v)`` and the loss is the Lovász extension of the Jaccard loss of the foreground at
+    ``e`` (see the module docstring). Zero when every logit is on its correct side with margin >= 1.
+
+    - Binary: one channel ``(B, 1, *)`` with a ``(B, 1, *)`` / ``(B, *)`` mask in {0, 1}.
+    - Multi-label: ``C`` channels with a dense ``(B, C, *)`` target (or a label map, meaning the one-vs-rest masks of
+      the classes): each channel is its own binary problem with its own hinge, and the channel losses are
+      averaged (not one hinge over all channels lumped together).
+    - ``per_image=False`` (default): each channel is scored over the voxels of the whole batch. ``per_image=True``:
+      per image (mean over its channels), then the mean over images, as the paper's ``per_image``. Every channel
+      counts, present or not (an empty foreground costs the largest hinge of its false positives).
+    - ``ignore_index`` voxels (elements, for a dense target) are left out exactly; a channel with every voxel
+      ignored is left out of the mean, as is an image with every voxel ignored; if all are, the loss is 0.
+    - ``reduction``: ``"mean"``; ``"sum"`` sums the per-image losses with ``per_image``; ``"none"`` gives the
+      per-image losses ``(B,)``, or shape ``(1,)`` without ``per_image``.
+
+    Computed in float32 with autocast off, any number of spatial dims.
+
+    Args:
+        per_image: score each image separately, then average over images.
+        ignore_index: label (or dense-target value) of the voxels to leave out.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+
+    def __init__(self, per_image: bool = False, ignore_index: int | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = check_reduction(reduction)
+        self.per_image = per_image
+        self.ignore_index = ignore_index
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: logits ``(B, C, *spatial)``.
+            target: binary mask(s) ``(B, C, *)`` (``(B, *)`` for ``C = 1``) or a label map for ``C > 1``.
+        """
+        return lovasz_hinge(
+            input, target, per_image=self.per_image, ignore_index=self.ignore_index, reduction=self.reduction
+        )

@@ -1,0 +1,370 @@
+"""End-to-end tests of the MONAI bundles on CPU: train, evaluate, infer, export, resume, failure modes.
+
+Each run uses a tiny budget (2 iterations per epoch, small patches and networks) on the synthetic fallback data,
+and on the shared sample data when present.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_utils import BUNDLES, SYNTHETIC_DIR, TINY, cli_args, run, run_cli, tiny, workflow
+from ignite.engine import Events
+from PIL import Image
+
+from segloss.data import write_ct_3d, write_membrane_2d
+
+BUNDLE_NAMES = ["em_membrane_2d", "ct_spleen_3d"]
+pytestmark = pytest.mark.slow
+
+
+def _saved_epoch(path) -> int:
+    state = torch.load(path, weights_only=True)["trainer"]  # ignite keeps the iteration; epochs are whole
+    return state["iteration"] // state["epoch_length"]
+
+
+def _epochs_run(wf, loss_weights: dict | None = None) -> list[int]:
+    """Initialise ``wf``, record the epochs its trainer runs (and the loss term weights used in each), run it."""
+    wf.initialize()
+    epochs = []
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: epochs.append(engine.state.epoch))
+    if loss_weights is not None:
+        loss = wf.parser.get_parsed_content("loss")
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda e: loss_weights.__setitem__(e.state.epoch, dict(loss.weights))
+        )
+    wf.run()
+    wf.finalize()
+    return epochs
+
+
+@pytest.fixture(scope="module", params=BUNDLE_NAMES)
+def trained(request, tmp_path_factory):
+    """A 2-epoch synthetic training run of each bundle: (bundle, work folder, loss term weights per epoch)."""
+    bundle, work = request.param, tmp_path_factory.mktemp(request.param)
+    weights = {}
+    wf = workflow(bundle, max_epochs=2, dataset_dir=str(work / "absent"), **tiny(bundle, work))
+    assert _epochs_run(wf, weights) == [1, 2]
+    return bundle, work, weights
+
+
+def test_default_loss_is_segloss_and_ct_second_stage_starts(trained):
+    from monai.bundle import ConfigParser
+
+    bundle, _, weights = trained
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    default = parser[parser["loss"].removeprefix("@")]
+    assert default["_target_"].startswith("segloss.losses.")
+    if bundle == "ct_spleen_3d":  # DiceCE alone in epoch 1, the Lovasz term joins at second_stage_epoch = 2
+        assert weights == {1: {"dice_ce": 1.0, "lovasz": 0.0}, 2: {"dice_ce": 1.0, "lovasz": 1.0}}
+
+
+def test_train_writes_best_and_resumable_checkpoints(trained):
+    bundle, work, _ = trained
+    assert (work / "eval" / SYNTHETIC_DIR[bundle]).is_dir(), "the synthetic fallback was used"
+    best = torch.load(work / "models" / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in best.values()), "model.pt is a plain state dict"
+    last = torch.load(work / "models" / "last.pt", weights_only=True)
+    assert set(last) == {"model", "optimizer", "trainer", "best"}
+    assert last["trainer"]["iteration"] == 4 and last["trainer"]["epoch_length"] == 2, "saved after epoch 2"
+    assert not [p.name for p in (work / "models").iterdir() if p.name not in ("model.pt", "last.pt")], (
+        "no temporary checkpoint files are left behind"
+    )
+
+
+def test_evaluate_writes_metrics(trained):
+    bundle, work, _ = trained
+    run(workflow(bundle, ("train.json", "evaluate.json"), dataset_dir=str(work / "absent"), **tiny(bundle, work)))
+    with open(work / "eval" / "val_mean_dice_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
+    assert "val_mean_dice" in (work / "eval" / "metrics.csv").read_text()
+
+
+def _inference_input(bundle, root):
+    """A small input folder whose geometry the output must reproduce."""
+    if bundle == "em_membrane_2d":
+        write_membrane_2d(root, num=2, size=(64, 96))
+        return root / "images"
+    write_ct_3d(root, num=1, size=(40, 36, 24), spacing=(2.0, 2.5, 3.0))
+    return root / "imagesTr"
+
+
+def test_inference_keeps_input_geometry(trained, tmp_path):
+    bundle, work, _ = trained
+    input_dir = _inference_input(bundle, tmp_path / "input")
+    out = tmp_path / "out"
+    overrides = {k: v for k, v in tiny(bundle, work).items() if k in ("patch_size", "spacing", "network_def#channels")}
+    run(
+        workflow(
+            bundle,
+            ("inference.json",),
+            input_dir=str(input_dir),
+            output_dir=str(out),
+            ckpt_path=str(work / "models" / "model.pt"),
+            num_workers=0,
+            **overrides,
+        )
+    )
+    if bundle == "em_membrane_2d":
+        for name in ("00", "01"):
+            pred = np.asarray(Image.open(out / f"{name}_membrane.png"))
+            assert pred.shape == (64, 96) and set(np.unique(pred)) <= {0, 255}
+    else:
+        pred, image = nib.load(out / "case_000_seg.nii.gz"), nib.load(input_dir / "case_000.nii.gz")
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_ckpt_export_torchscript_matches_checkpoint(trained, tmp_path):
+    from monai.bundle import ConfigParser, ckpt_export
+
+    bundle, work, _ = trained
+    channels = tiny(bundle, work).get("network_def#channels")
+    extra = {"network_def#channels": channels} if channels else {}
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(work / "models" / "model.pt"),
+        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
+        config_file=str(BUNDLES / bundle / "configs" / "inference.json"),
+        bundle_root=str(BUNDLES / bundle),
+        **extra,
+    )
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+    parser.update(extra)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(work / "models" / "model.pt", weights_only=True))
+    ts = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.rand(1, 1, *tiny(bundle, work)["patch_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(ts.eval()(x), net.eval()(x))
+    extra_files = {"metadata.json": ""}
+    torch.jit.load(str(tmp_path / "model.ts"), _extra_files=extra_files)
+    assert json.loads(extra_files["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+
+
+def test_resume_continues_from_last_epoch(trained, tmp_path):
+    bundle, work, _ = trained
+    shutil.copytree(work / "models", tmp_path / "models")
+    shutil.copytree(work / "eval" / SYNTHETIC_DIR[bundle], tmp_path / "eval" / SYNTHETIC_DIR[bundle])
+    before = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    wf = workflow(bundle, max_epochs=3, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    assert _epochs_run(wf) == [3], "only the missing epoch runs"
+    after = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    assert after["trainer"]["iteration"] == 6
+    assert after["best"] == before["best"] or after["best"]["_saved"], "the best-model record is carried over"
+    # and resume=False starts from scratch
+    wf = workflow(bundle, max_epochs=1, resume=False, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    assert _epochs_run(wf) == [1]
+
+
+def test_killed_run_loses_at_most_one_epoch(tmp_path):
+    """Kill a CLI training run mid-way; last.pt is intact and training resumes after its epoch."""
+    import os
+    import signal
+    import subprocess
+
+    from bundle_utils import subprocess_env
+
+    bundle = "em_membrane_2d"
+    overrides = tiny(bundle, tmp_path, max_epochs=1000, dataset_dir=str(tmp_path / "absent"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *cli_args(overrides)],
+        cwd=BUNDLES / bundle,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "models" / "last.pt"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.is_file() and _saved_epoch(last) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run was still going when killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = _saved_epoch(last)
+    assert saved >= 2
+    wf = workflow(bundle, max_epochs=saved + 1, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    assert _epochs_run(wf) == [saved + 1]
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_unknown_loss_target_fails_before_training(bundle, tmp_path):
+    wf = workflow(
+        bundle,
+        loss={"_target_": "segloss.losses.NoSuchLoss"},
+        dataset_dir=str(tmp_path / "absent"),
+        **tiny(bundle, tmp_path),
+    )
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("NoSuchLoss" in msg for msg in chain)
+    assert not (tmp_path / "eval").exists(), "no data was prepared before the failure"
+
+
+def _small_dataset(bundle, root):
+    if bundle == "em_membrane_2d":
+        write_membrane_2d(root, num=30, size=64)
+        return root / "labels" / "25.png", root / "images" / "03.png"
+    write_ct_3d(root, num=3, size=32)
+    return root / "labelsTr" / "case_002.nii.gz", root / "imagesTr" / "case_001.nii.gz"
+
+
+def _error_chain(excinfo) -> str:
+    out, e = [], excinfo.value
+    while e is not None:
+        out.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_missing_file_error_names_it(bundle, tmp_path):
+    missing, _ = _small_dataset(bundle, tmp_path / "data")
+    missing.unlink()
+    wf = workflow(bundle, max_epochs=1, dataset_dir=str(tmp_path / "data"), **tiny(bundle, tmp_path))
+    with pytest.raises(Exception) as err:
+        run(wf)
+    assert str(missing) in _error_chain(err)
+    assert not (tmp_path / "models").exists(), "nothing was trained"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_corrupt_file_error_names_it(bundle, tmp_path):
+    _, corrupt = _small_dataset(bundle, tmp_path / "data")
+    data = corrupt.read_bytes()
+    corrupt.write_bytes(data[: len(data) // 2])  # truncated: a PNG without its end, a .nii.gz cut mid-stream
+    wf = workflow(bundle, max_epochs=1, dataset_dir=str(tmp_path / "data"), **tiny(bundle, tmp_path))
+    with pytest.raises(Exception) as err:
+        run(wf)
+    assert str(corrupt) in _error_chain(err)
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_multi_gpu_train_under_torchrun_on_cpu(bundle, tmp_path):
+    overrides = tiny(bundle, tmp_path, max_epochs=1, dataset_dir=str(tmp_path / "absent"))
+    result = run_cli(
+        bundle,
+        ["--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *cli_args(overrides)],
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "last.pt").is_file()
+    last = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
+    assert _saved_epoch(tmp_path / "models" / "last.pt") == 1
+    assert not any(k.startswith("module.") for k in last["model"]), "the DDP wrapper is not saved"
+
+
+SHARED = {
+    "em_membrane_2d": [("isbi2012_em", {"val_sections": "24"})],
+    "ct_spleen_3d": [
+        ("msd_spleen_smoketest", {"spacing": [4.0, 4.0, 4.0]}),
+        ("totalseg_examples_ct", {"spacing": [4.0, 4.0, 4.0], "cases": ["ts_abdomen_3mm", "ts_dicom_20slices"]}),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "bundle,name,extra", [(b, n, e) for b, sets in SHARED.items() for n, e in sets], ids=lambda v: str(v)[:24]
+)
+def test_train_on_shared_sample_data(bundle, name, extra, shared_data, tmp_path):
+    root = shared_data(name)
+    wf = workflow(bundle, max_epochs=1, dataset_dir=str(root), **{**tiny(bundle, tmp_path), **extra})
+    assert _epochs_run(wf) == [1]
+    assert not (tmp_path / "eval" / SYNTHETIC_DIR[bundle]).exists(), "the real data was used"
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
+    """Each batch's weight_map (BorderWeightMapd, cropped with the image) is what the CE term receives."""
+    wf = workflow(
+        "em_membrane_2d",
+        max_epochs=1,
+        epoch_length=2,
+        val_interval=10,
+        dataset_dir=str(tmp_path / "absent"),
+        **{k: v for k, v in tiny("em_membrane_2d", tmp_path).items() if k not in ("epoch_length", "val_interval")},
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    ce = wf.parser.get_parsed_content("loss").losses["pixel"].losses["ce"]
+    batches, received = [], []
+    forward = ce.forward
+
+    def recording_forward(input, target, weight_map=None):
+        received.append(weight_map)
+        return forward(input, target, weight_map=weight_map)
+
+    ce.forward = recording_forward
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(e.state.batch["weight_map"]))
+    wf.run()
+    wf.finalize()
+    assert len(received) == len(batches) == 2
+    for got, batch_map in zip(received, batches):
+        torch.testing.assert_close(got.as_tensor().cpu(), batch_map.as_tensor(), rtol=0, atol=0)
+        assert got.max() > 2.0, "border weights (w0 = 10) are present, not a map of ones"
+
+
+def test_topology_weights_imagenet_fails_clearly_without_weights(tmp_path, monkeypatch):
+    """topology_weights='imagenet' with no weights available stops before any data is read, naming the options."""
+    monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "no_such_vgg19.pth"))  # no download attempt
+    wf = workflow(
+        "em_membrane_2d",
+        topology_weights="imagenet",
+        dataset_dir=str(tmp_path / "absent"),
+        **tiny("em_membrane_2d", tmp_path),
+    )
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+    assert "WeightsNotFoundError" in _error_chain(err) and "SEGLOSS_VGG19_WEIGHTS" in _error_chain(err)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_quick_main_job_prints_metrics_and_writes_figure(tmp_path, capsys):
+    """The README's main job (train.json + quick.json) on a tiny budget: metrics printed, figure + logs written."""
+    out = tmp_path / "quick"
+    small = {k: v for k, v in TINY["em_membrane_2d"].items() if k not in ("epoch_length", "val_interval")}
+    wf = workflow(
+        "em_membrane_2d",
+        ("train.json", "quick.json"),
+        max_epochs=2,
+        epoch_length=2,
+        val_interval=1,
+        dataset_dir=str(tmp_path / "absent"),
+        output_dir=str(out),
+        **small,
+    )
+    run(wf)
+    printed = capsys.readouterr().out
+    for name in ("val_mean_dice", "val_cldice", "val_betti_error", "s/iteration"):
+        assert name in printed
+    assert "data: " in printed and SYNTHETIC_DIR["em_membrane_2d"] in printed, "the run says which data it used"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 4 and summary["seconds_per_iteration"] > 0
+    assert set(summary["validation"]) == {"val_mean_dice", "val_cldice", "val_betti_error"}
+    image = np.asarray(Image.open(out / "training.png"))
+    assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
+    assert list(out.glob("events.out.tfevents.*")), "TensorBoard logs"
+    assert (out / "models" / "model.pt").is_file()
