@@ -8,6 +8,10 @@ conventions are documented on :class:`FocalLoss` and each has an opt-out.
 Softmax focal with an integer label map is fused: one ``log_softmax``, ``log p_t`` gathered at the label (no
 one-hot), and a closed-form backward from the saved log-probabilities (:class:`_SoftmaxFocalAtLabel`), so it
 costs about one ``F.cross_entropy`` instead of MONAI's one-hot tensor plus several full-size intermediates.
+Sigmoid focal with a label map (the focal term of ``DiceFocalLoss``) is fused as well
+(:class:`_SigmoidFocalAtLabel`): it saves only the logits and labels, recomputes in backward, and loops over
+channels and column blocks, so its only full-size allocation is the input gradient. Dense targets take the
+plain autograd path.
 """
 
 from __future__ import annotations
@@ -59,13 +63,6 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def _binary_focal(z: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``softplus(z) sigmoid(z)^gamma``: the sigmoid focal term of an element whose target pushes its logit
-    towards -inf (``z = x`` for a negative, ``z = -x`` for a positive), as MONAI (``exp(gamma logsigmoid(z))``)."""
-    loss = F.softplus(z)
-    return loss if gamma == 0 else loss * torch.exp(gamma * F.logsigmoid(z))
-
-
 def _pad(vec: torch.Tensor | None, n: int, start: int, like: torch.Tensor) -> torch.Tensor:
     """Per-label factors over all ``C = start + n`` labels: ``vec`` (ones if None) after ``start`` zeros, so
     that indexing with a label map also drops the background voxels when ``start == 1``."""
@@ -75,6 +72,102 @@ def _pad(vec: torch.Tensor | None, n: int, start: int, like: torch.Tensor) -> to
 
 def _times(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a * b
+
+
+_MIN_BLOCK = 1 << 16
+
+
+def _blocks(x: torch.Tensor, labels: torch.Tensor, start: int, n_buffers: int):
+    """``(c, columns, mask, buffers)`` over the channels ``c >= start`` of ``(B, C, N)`` logits and blocks of
+    columns: ``mask = labels[:, columns] == c`` marks the block's positives (voxels labelled ``c``) and
+    ``buffers`` are ``n_buffers`` float work tensors of the block's shape ``(B, K)``.
+
+    A block is one channel's slice of at most ``max(B C N / 8, 2^16)`` elements, so the temporaries stay well
+    below the input's size while few enough blocks keep kernel launches (and CPU intra-op thread hand-offs) few.
+    The work tensors are allocated once and reused through ``out=`` / in-place ops: per-block allocations would
+    leave a fragmented CPU heap several blocks large behind them."""
+    B, C, N = x.shape
+    step = min(N, max(1, max(x.numel() // 8, _MIN_BLOCK) // B))
+    work = x.new_empty(n_buffers, B * step)
+    mask_work = torch.empty(B * step, dtype=torch.bool, device=x.device)
+    for i in range(0, N, step):
+        cols = slice(i, min(i + step, N))
+        size = B * (cols.stop - i)
+        buffers = [buf[:size].view(B, -1) for buf in work]
+        mask = mask_work[:size].view(B, -1)
+        t = labels[:, cols]
+        for c in range(start, C):
+            yield c, cols, torch.eq(t, c, out=mask), buffers
+
+
+def _focal_parts(x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, sp: torch.Tensor) -> None:
+    """``sp = softplus(z)`` and ``z = logsigmoid(z) = z - softplus(z)``, written into the given buffers, for
+    ``z = -x`` at ``mask`` (positives) and ``z = x`` elsewhere (negatives): the element's BCE is ``softplus(z)``
+    and its ``1 - p_t`` is ``sigmoid(z)``."""
+    torch.addcmul(x, x, mask, value=-2, out=z)
+    torch.logaddexp(z, z.new_zeros(()), out=sp)
+    z.sub_(sp)
+
+
+class _SigmoidFocalAtLabel(torch.autograd.Function):
+    """Sigmoid focal loss of logits ``(B, C, *)`` (spatial dims flattened to ``N`` here) against a label map
+    ``(B, N)`` standing for one-hot channels, over the channels ``c >= start``: ``(B, N)`` summed over them, or
+    per element ``(B, C - start, N)``.
+
+    Per element, ``z = -x`` for the label's channel (a positive) and ``z = x`` for the others (negatives)::
+
+        l = a f(z),  f(z) = softplus(z) sigmoid(z)^gamma = softplus(z) exp(gamma logsigmoid(z))
+        dl/dx = -+ a f'(z),  f'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z))
+
+    (``-`` for positives), ``a = factors[0, c - start]`` for positives and ``factors[1, c - start]`` for
+    negatives (alpha times class weight; 1 if ``factors`` is None). Each factor is a product of bounded terms
+    (``sigmoid(-z) softplus(z) <= 1``), so values and gradients are finite for any finite logit and ``gamma >= 0``.
+
+    Autograd through the same maths keeps ~7 ``(B, C, N)`` tensors in forward and allocates ~10 in backward.
+    Here backward saves only the logits and labels and recomputes, and both passes loop over the channels and
+    column blocks (:func:`_blocks`): each element is still read once per pass, but the temporaries are one
+    block's, so the only full-size allocation is the input gradient (plus the output for ``per_element``).
+    The logits are flattened inside, so that the gradient returned is not a view: autograd can then add another
+    term's gradient (DiceFocal's Dice) into it in place instead of allocating their sum. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, input, labels, gamma, start, factors, per_element):
+        x = input.reshape(*input.shape[:2], -1)
+        B, C, N = x.shape
+        out = x.new_zeros(B, C - start, N) if per_element else x.new_zeros(B, N)
+        for c, cols, mask, (z, sp, a) in _blocks(x, labels, start, 3):
+            _focal_parts(x[:, c, cols], mask, z, sp)
+            e = z.mul_(gamma).exp_()  # sigmoid(z)^gamma
+            if factors is not None:
+                e.mul_(torch.where(mask, factors[0, c - start], factors[1, c - start], out=a))
+            (out[:, c - start, cols] if per_element else out[:, cols]).addcmul_(sp, e)
+        ctx.save_for_backward(input, labels, factors)
+        ctx.options = gamma, start, per_element
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        input, labels, factors = ctx.saved_tensors
+        gamma, start, per_element = ctx.options
+        x = input.reshape(*input.shape[:2], -1)
+        C = x.shape[1]
+        grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
+        grad_x = grad_input.view(x.shape)
+        grad_x[:, :start].zero_()
+        # dl/dx = sign(dz/dx) a f'(z): -a_pos at the positives, a_neg at the negatives, per channel
+        signs = (x.new_ones(2, C - start) if factors is None else factors) * x.new_tensor([[-1.0], [1.0]])
+        for c, cols, mask, (d, sp, e) in _blocks(x, labels, start, 3):
+            _focal_parts(x[:, c, cols], mask, d, sp)
+            d.exp_()  # sigmoid(z)
+            if gamma != 0:
+                torch.pow(d, gamma, out=e)
+                sp.addcmul_(sp, d, value=-1)  # softplus(z) sigmoid(-z)
+                d.add_(sp, alpha=gamma).mul_(e)
+            d.mul_(torch.where(mask, signs[0, c - start], signs[1, c - start], out=e))
+            torch.mul(d, grad[:, c - start, cols] if per_element else grad[:, cols], out=grad_x[:, c, cols])
+        return grad_input, None, None, None, None, None
 
 
 def _softmax_focal(
@@ -106,15 +199,15 @@ def _sigmoid_focal(
     cw: torch.Tensor | None,
     none: bool,
 ) -> torch.Tensor:
-    """Sigmoid (per-channel binary) focal loss ``(B, n, N)`` (``(B, 1, N)`` for a label map unless ``none``).
+    """Sigmoid (per-channel binary) focal loss ``(B, n, N)`` (``(B, 1, N)`` for a label map unless ``none``)
+    for logits ``x`` ``(B, C, *)``.
 
     MONAI's alpha: a scalar weighs positives ``alpha`` and negatives ``1 - alpha``; a per-class alpha weighs the
     positives (target exactly 1) of class c by ``alpha_c`` and the negatives by 1.
     """
-    xs = x[:, start:]
-    n = xs.shape[1]
+    n = x.shape[1] - start
     if tgt.dense is not None:
-        g = tgt.dense[:, start:]
+        xs, g = x.flatten(2)[:, start:], tgt.dense[:, start:]
         loss = xs - xs * g - F.logsigmoid(xs)  # BCE with logits
         if gamma != 0:
             loss = torch.exp(gamma * F.logsigmoid(xs * (1 - 2 * g))) * loss
@@ -123,20 +216,17 @@ def _sigmoid_focal(
         elif alpha is not None:
             loss = loss * torch.where(g == 1, alpha.view(n, 1), 1.0)
         return loss if cw is None else loss * cw.view(n, 1)
-    # Label map: every channel is a negative, the label channel swaps its negative term for a positive one.
+    # Label map: fused, never one-hot (see _SigmoidFocalAtLabel)
     if isinstance(alpha, float):
-        pos, neg = _times(xs.new_full((n,), alpha), cw), _times(xs.new_full((n,), 1 - alpha), cw)
+        pos, neg = _times(x.new_full((n,), alpha), cw), _times(x.new_full((n,), 1 - alpha), cw)
     else:
         pos, neg = _times(alpha, cw), cw
-    t = tgt.labels
-    idx = (t - start).clamp_min(0).unsqueeze(1)
-    x_t = xs.gather(1, idx)
-    correction = _pad(pos, n, start, xs)[t].unsqueeze(1) * _binary_focal(-x_t, gamma)
-    correction = correction - _pad(neg, n, start, xs)[t].unsqueeze(1) * _binary_focal(x_t, gamma)
-    loss = _binary_focal(xs, gamma)
-    if neg is not None:
-        loss = loss * neg.view(n, 1)
-    return loss.scatter_add(1, idx, correction) if none else loss.sum(1, keepdim=True) + correction
+    factors = None
+    if pos is not None or neg is not None:
+        ones = x.new_ones(n)
+        factors = torch.stack([ones if pos is None else pos, ones if neg is None else neg])
+    loss = _SigmoidFocalAtLabel.apply(x, tgt.labels, gamma, start, factors, none)
+    return loss if none else loss.unsqueeze(1)
 
 
 def focal_loss(
@@ -180,7 +270,8 @@ def focal_loss(
         alpha = None
     none = reduction == "none"
     with torch.autocast(input.device.type, enabled=False):
-        x = _plain(input).float().reshape(B, C, -1)
+        xf = _plain(input).float()
+        x = xf.reshape(B, C, -1)
         N = x.shape[-1]
         cw = per_class_vector(weight, n, "weight", x.device)
         if not isinstance(alpha, float):
@@ -192,7 +283,7 @@ def focal_loss(
                 alpha = full[start:]
             loss = _softmax_focal(x, tgt, gamma, start, softmax_over_all_channels, _times(alpha, cw), none)
         else:
-            loss = _sigmoid_focal(x, tgt, gamma, start, alpha, cw, none)
+            loss = _sigmoid_focal(xf, tgt, gamma, start, alpha, cw, none)
         w = tgt.weight
         if w is not None:
             w = w[:, start:] if w.shape[1] > 1 else w

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monai.data import MetaTensor
+from test_dice import _BigFloatAllocations
 
 from segloss.losses import FocalLoss
-from segloss.losses.focal import _SoftmaxFocalAtLabel, focal_loss
+from segloss.losses import focal as focal_module
+from segloss.losses.focal import _SigmoidFocalAtLabel, _SoftmaxFocalAtLabel, focal_loss
 
 B, C = 2, 4
 ALPHAS = [None, 0.25, "per_class"]
@@ -114,6 +116,59 @@ def test_custom_backward_near_certain_voxels(gamma):
     certain = ~torch.isfinite(g_ref)
     assert torch.equal(g[certain], torch.zeros_like(g[certain]))
     torch.testing.assert_close(g[~certain], g_ref[~certain])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.7])
+@pytest.mark.parametrize("start", [0, 1])
+@pytest.mark.parametrize("with_factors", [False, True])
+@pytest.mark.parametrize("per_element", [False, True])
+def test_sigmoid_custom_backward_gradcheck(gamma, start, with_factors, per_element):
+    logits = (torch.randn(2, 4, 7, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.randint(0, 4, (2, 7))
+    factors = torch.rand(2, 4 - start, dtype=torch.float64) + 0.1 if with_factors else None
+    fn = lambda z: _SigmoidFocalAtLabel.apply(z, labels, gamma, start, factors, per_element)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_sigmoid_custom_backward_large_logits(gamma):
+    """|logit| up to 1e4 (float32): values and gradients finite and equal to autograd of the float64 formula
+    ``softplus(z) sigmoid(z)^gamma`` wherever that one is finite (NaN where sigmoid(z)^gamma, gamma < 1, has an
+    infinite slope at sigmoid(z) = 0)."""
+    x = torch.randn(2, 3, 6) * torch.tensor([0.0, 5.0, 20.0, 90.0, 1e3, 1e4])
+    labels = torch.randint(0, 3, (2, 6))
+    factors = torch.tensor([[0.3, 0.6, 0.9], [1.0, 2.0, 0.5]])
+    upstream = torch.rand(2, 3, 6)
+    x1 = x.clone().requires_grad_()
+    out = _SigmoidFocalAtLabel.apply(x1, labels, gamma, 0, factors, True)
+    (g,) = torch.autograd.grad((out * upstream).sum(), x1)
+    x2 = x.double().requires_grad_()
+    pos = one_hot(labels, 3).bool()
+    a = torch.where(pos, factors[0].double().view(3, 1), factors[1].double().view(3, 1))
+    z = torch.where(pos, -x2, x2)
+    ref = a * F.softplus(z) * torch.sigmoid(z) ** gamma
+    (g_ref,) = torch.autograd.grad((ref * upstream.double()).sum(), x2)
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    close64(out, ref.detach())
+    ok = torch.isfinite(g_ref)
+    assert ok.float().mean() > 0.7
+    torch.testing.assert_close(g[ok].double(), g_ref[ok], rtol=1e-5, atol=1e-6)
+
+
+def test_sigmoid_blocks_give_the_same_result(monkeypatch):
+    """Column blocks (as on large volumes: here 131 + 79 columns per channel) give the one-block value and
+    gradient."""
+    x = torch.randn(2, 5, 5, 6, 7)
+    lab = torch.randint(0, 5, (2, 1, 5, 6, 7))
+    loss = FocalLoss(to_onehot_y=True, include_background=False, alpha=[0.2, 0.5, 0.7, 0.9], weight=2.0)
+    for reduction, upstream in (("mean", None), ("none", torch.rand(2, 4, 5, 6, 7))):
+        loss.reduction = reduction
+        a, ga = value_and_grad(loss, x, lab, upstream)
+        monkeypatch.setattr(focal_module, "_MIN_BLOCK", 16)
+        b, gb = value_and_grad(loss, x, lab, upstream)
+        monkeypatch.undo()
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ga, gb)
 
 
 def focal64(x, g, gamma, alpha_c=None, softmax=True, drop_bg=False, over_all=False):
@@ -333,3 +388,39 @@ def test_gradients_are_finite(scale, gamma, use_softmax, include_background, see
         out = loss(x, lab, weight_map=torch.rand(2, 1, 5, 5, generator=gen))
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+
+
+def _big_allocations(loss_fn, x, target, **kw):
+    """Distinct float storages of at least (B, C - 1, N) elements other than the input's allocated by forward,
+    then backward."""
+    counts, numel = [], x.numel() // x.shape[1] * (x.shape[1] - 1)
+    with _BigFloatAllocations(numel) as mode:
+        value = loss_fn(x, target, **kw)
+    counts.append(len(mode.storages - {x.untyped_storage().data_ptr()}))
+    with _BigFloatAllocations(numel) as mode:
+        value.backward()
+    counts.append(len(mode.storages - {x.untyped_storage().data_ptr()}))
+    return counts
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(gamma=0.5, alpha=0.25, reduction="sum"),
+        dict(include_background=False, alpha=[0.1, 0.2, 0.3, 0.4], weight=2.0, ignore_index=255),
+    ],
+)
+def test_sigmoid_label_map_allocates_only_the_gradient(kwargs):
+    """Sigmoid focal on an integer label map: no (B, C, N) float tensor in forward, one (the input gradient) in
+    backward. Autograd through the formula on a one-hot target allocates about 7 and 10 (checked below)."""
+    B, C, spatial = 2, 5, (8, 9, 10)
+    x = torch.randn(B, C, *spatial)
+    lab = torch.randint(0, C, (B, 1, *spatial))
+    lab[0, 0, 0] = 255 if "ignore_index" in kwargs else 0
+    wm = torch.rand(B, 1, *spatial)
+    loss = FocalLoss(to_onehot_y=True, **kwargs)
+    assert _big_allocations(loss, x.clone().requires_grad_(), lab, weight_map=wm) == [0, 1]
+    onehot = one_hot(lab[:, 0].clamp(max=C - 1), C)
+    fwd, bwd = _big_allocations(FocalLoss(**kwargs), x.clone().requires_grad_(), onehot, weight_map=wm)
+    assert fwd >= 4 and bwd >= 4
