@@ -89,7 +89,9 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, tgt, squared_pred, batch, sync_batch, ce_weight, with_ce):
+    def forward(ctx, xin, tgt, squared_pred, batch, sync_batch, ce_weight, with_ce):
+        x = xin.reshape(*xin.shape[:2], -1)
+        ctx.in_shape = xin.shape
         labels, w = tgt.labels, tgt.weight  # (B, N), (B, 1, N) or None
         ce_sum = x.new_zeros(())
         if with_ce:
@@ -118,7 +120,8 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         if batch:
             g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
         idx = labels.unsqueeze(1)
-        grad = p * g_ps.unsqueeze(-1)
+        grad_in = p.new_empty(ctx.in_shape)
+        grad = torch.mul(p, g_ps.unsqueeze(-1), out=grad_in.view(p.shape))
         if squared_pred:
             grad.mul_(p).mul_(2)
         if w is not None:
@@ -134,7 +137,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             k = k * w
         grad.addcmul_(p, coef + k)
         grad.scatter_add_(1, idx, at_label - k)
-        return grad, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None
 
 
 def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
@@ -181,7 +184,7 @@ def class_stats(
     if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]
         with torch.autocast(input.device.type, enabled=False):
-            x = _plain(input).float().reshape(B, C, -1)
+            x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
             cw = None if ce_weight is None else per_class_vector(ce_weight, C, "weight", x.device)
             tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, cw, with_ce)
         if with_ce:
@@ -499,6 +502,14 @@ def dice_focal_loss(
         reduction=reduction,
         ignore_index=ignore_index,
     )
+    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)  # a (B,*) binary mask for a one-channel input, as in the Dice term
+    # ce_mean: "mean" divides by the valid voxels whether or not ignore_index is set (ignoring == cropping).
+    # The focal term goes first: backward then runs the Dice term's first, and its gradient buffer receives the
+    # focal gradient in place, so two full-size tensors (not three) are alive at the peak.
+    focal = focal_loss(
+        input, target, weight_map, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common
+    )
     dice = dice_loss(
         input,
         target,
@@ -514,12 +525,6 @@ def dice_focal_loss(
         sync_batch=sync_batch,
         empty_target=empty_target,
         **common,
-    )
-    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
-        target = target.unsqueeze(1)  # a (B,*) binary mask for a one-channel input, as in the Dice term
-    # ce_mean: "mean" divides by the valid voxels whether or not ignore_index is set (ignoring == cropping)
-    focal = focal_loss(
-        input, target, weight_map, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common
     )
     return lambda_dice * dice + lambda_focal * focal
 
