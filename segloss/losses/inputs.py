@@ -314,9 +314,18 @@ def class_sums(
             p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
             if w_lab is not None:
                 p_at_label = p_at_label * w_lab
-            tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
-            ones = w_lab if w_lab is not None else torch.ones_like(p_at_label)
-            target_sum = p.new_zeros(B, C).scatter_add_(1, labels, ones)
+            # one flat bincount over (item, class) bins is faster than scatter_add_ on the CPU, but bincount has
+            # no gradient for its weights: tp keeps scatter_add_ when autograd needs it
+            bins = (labels + C * torch.arange(B, device=labels.device).unsqueeze(1)).view(-1)
+
+            def bin_sum(values: torch.Tensor | None) -> torch.Tensor:
+                return torch.bincount(bins, values, minlength=B * C).view(B, C).float()
+
+            if torch.is_grad_enabled() and p_at_label.requires_grad:
+                tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
+            else:
+                tp = bin_sum(p_at_label.reshape(-1))
+            target_sum = bin_sum(None if w_lab is None else w_lab.reshape(-1))
             pp = p * p if squared_pred else p
             if w_lab is None:
                 pred_sum = pp.sum(-1)

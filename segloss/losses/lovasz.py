@@ -49,22 +49,20 @@ _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _RADIX_MIN = 32768
 
 
-def _sort_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable ascending sort of integer ``keys`` ``(..., N)`` along the last dim: ``(sorted, permutation)``."""
+def _argsort_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Permutation of a stable ascending sort of integer ``keys`` ``(..., N)`` along the last dim."""
     if keys.device.type != "cpu" or keys.shape[-1] < _RADIX_MIN or keys.element_size() > 4:
-        return torch.sort(keys, dim=-1, stable=True)
+        return torch.sort(keys, dim=-1, stable=True).indices
     # CPU: torch's radix sort serves 1D integer tensors only, and is several times faster there than the comparison
     # sort of a 2D tensor. Prefixing each key (offset to be non-negative) with its row index in the high 32 bits
     # makes one 1D int64 sort of every row at once that keeps the rows apart and each row in key order.
     N = keys.shape[-1]
     flat = keys.reshape(-1, N)
-    offset = 1 << 31
     row = torch.arange(flat.shape[0], dtype=torch.int64).unsqueeze(-1)
-    combined = (row << 32) | (flat.to(torch.int64) + offset)
-    values, perm = torch.sort(combined.view(-1), stable=True)
-    perm = perm.view_as(flat) - row * N
-    values = ((values.view_as(flat) & 0xFFFFFFFF) - offset).to(keys.dtype)
-    return values.view(keys.shape), perm.view(keys.shape)
+    combined = flat.to(torch.int64).add_(1 << 31).bitwise_or_(row << 32)  # in place: one (R, N) int64 buffer
+    perm = torch.sort(combined.view(-1), stable=True).indices
+    del combined
+    return perm.view_as(flat).sub_(row * N).view(keys.shape)
 
 
 class _LovaszExtension(torch.autograd.Function):
@@ -89,12 +87,9 @@ class _LovaszExtension(torch.autograd.Function):
         keys = errors.view(_INT_OF_WIDTH[errors.element_size()])
         if valid is not None:
             keys = keys.masked_fill(~valid, -1)
-        keys, perm = _sort_keys(keys)
-        ignored = None
-        if valid is not None:
-            ignored = keys < 0
-            keys.clamp_min_(0)  # error 0 for the ignored voxels
-        e_sorted = keys.view(errors.dtype)
+        perm = _argsort_keys(keys)
+        e_sorted = errors.gather(-1, perm)  # ignored voxels keep their error; their increment is zeroed below
+        ignored = None if valid is None else (~valid).expand(errors.shape).gather(-1, perm)
         g = gt.expand(errors.shape).gather(-1, perm)
         rank = torch.arange(N, 0, -1, device=errors.device, dtype=errors.dtype)  # k = N - j
         if g.dtype == torch.bool:
