@@ -30,7 +30,9 @@ __all__ = ["DataUnavailableError", "download_file", "download_isbi2012", "downlo
 
 logger = logging.getLogger(__name__)
 
-ISBI2012_BASE_URL = "https://raw.githubusercontent.com/zhixuhao/unet/master/data/membrane/train"
+# pinned to the commit whose bytes the digests in isbi2012_sha256.txt were taken from
+ISBI2012_BASE_URL = "https://raw.githubusercontent.com/zhixuhao/unet/b45af4d/data/membrane/train"
+ISBI2012_SHA256 = Path(__file__).with_name("isbi2012_sha256.txt")
 ISBI2012_NUM_SECTIONS = 30
 
 Fetch = Callable[[str, Path, float], None]
@@ -197,7 +199,7 @@ def _read_hashes(hashes: Mapping[str, str] | str | Path) -> dict[str, str]:
 def download_isbi2012(
     root: str | Path,
     *,
-    hashes: Mapping[str, str] | str | Path | None = None,
+    hashes: Mapping[str, str] | str | Path | None = ISBI2012_SHA256,
     hash_type: str = "sha256",
     base_url: str = ISBI2012_BASE_URL,
     fetch: Fetch = fetch_url,
@@ -216,7 +218,8 @@ def download_isbi2012(
     Args:
         root: destination folder.
         hashes: expected digests by relative path (``"images/00.png"``), as a mapping or a ``sha256sum``-style
-            file. No checksum of these files is published, so by default nothing is verified (with a warning).
+            file. Default: the SHA-256 of the 60 files at ``zhixuhao/unet`` commit b45af4d, shipped with segloss
+            (``segloss/data/isbi2012_sha256.txt``). ``None`` verifies nothing (with a warning), e.g. for a mirror.
         hash_type: type of the digests in ``hashes``.
         base_url: mirror of ``zhixuhao/unet``'s ``data/membrane/train`` folder.
         fetch, timeout: see :func:`download_file`.

@@ -6,6 +6,7 @@ import urllib.error
 import warnings
 
 import pytest
+from conftest import SHARED_DATA
 from monai.apps.utils import HashCheckError
 
 from segloss.data.download import (
@@ -150,7 +151,7 @@ def test_isbi2012_layout_and_hashes(tmp_path, isbi_mirror):
 def test_isbi2012_unverified_warns_once_and_incomplete_hashes_fail(tmp_path, isbi_mirror):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        download_isbi2012(tmp_path / "isbi", base_url=isbi_mirror.as_uri())
+        download_isbi2012(tmp_path / "isbi", base_url=isbi_mirror.as_uri(), hashes=None)
     assert sum("NOT verified" in str(w.message) for w in caught) == 1
     with pytest.raises(ValueError, match="hashes"):
         download_isbi2012(tmp_path / "isbi", base_url=isbi_mirror.as_uri(), hashes={"images/00.png": "0"})
@@ -159,3 +160,16 @@ def test_isbi2012_unverified_warns_once_and_incomplete_hashes_fail(tmp_path, isb
 def test_isbi2012_offline_message(tmp_path):
     with pytest.raises(DataUnavailableError, match="labels/00.png ... 29.png"):
         download_isbi2012(tmp_path / "isbi", fetch=_offline)
+
+
+def test_isbi2012_default_digests_reject_a_wrong_file_and_match_the_shared_copy(tmp_path, isbi_mirror):
+    from segloss.data.download import ISBI2012_SHA256, _read_hashes
+
+    pinned = _read_hashes(ISBI2012_SHA256)
+    assert len(pinned) == 60 and all(len(v) == 64 for v in pinned.values())
+    with pytest.raises(HashCheckError, match="00.png"):  # the mirror's stand-in bytes are not the real files
+        download_isbi2012(tmp_path / "isbi", base_url=isbi_mirror.as_uri())
+    shared = SHARED_DATA / "isbi2012_em"
+    if shared.is_dir():  # the shared copy holds the upstream bytes unchanged (its README): it must verify
+        for name, digest in pinned.items():
+            assert hashlib.sha256((shared / name).read_bytes()).hexdigest() == digest, name
