@@ -105,7 +105,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             p = torch.softmax(x, 1)
         tp, ps, ts = class_sums(p, tgt, batch=batch, squared_pred=squared_pred, sync_batch=sync_batch)
         ctx.save_for_backward(p, labels, w, ce_weight)
-        ctx.flags = (squared_pred, batch, sync_batch)
+        ctx.flags = (squared_pred, batch, sync_batch, with_ce)
         ctx.mark_non_differentiable(ts)
         return tp, ps, ts, ce_sum
 
@@ -113,7 +113,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
         p, labels, w, ce_weight = ctx.saved_tensors
-        squared_pred, batch, sync_batch = ctx.flags
+        squared_pred, batch, sync_batch, with_ce = ctx.flags
         if sync_batch:
             g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
         B = p.shape[0]
@@ -129,14 +129,16 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         at_label = p.gather(1, idx) * g_tp.gather(1, labels).unsqueeze(1)  # p_t b_t, (B, 1, N)
         if w is not None:
             at_label = at_label * w
-        coef = -(grad.sum(1, keepdim=True) + at_label)
-        k = g_ce.expand(B, 1, labels.shape[1])
-        if ce_weight is not None:
-            k = k * ce_weight[labels].unsqueeze(1)
-        if w is not None:
-            k = k * w
-        grad.addcmul_(p, coef + k)
-        grad.scatter_add_(1, idx, at_label - k)
+        coef = grad.sum(1, keepdim=True).add_(at_label).neg_()
+        if with_ce:  # without the CE term k is 0: skip its two passes
+            k = g_ce.expand(B, 1, labels.shape[1])
+            if ce_weight is not None:
+                k = k * ce_weight[labels].unsqueeze(1)
+            if w is not None:
+                k = k * w
+            coef, at_label = coef + k, at_label - k
+        grad.addcmul_(p, coef)
+        grad.scatter_add_(1, idx, at_label)
         return grad_in, None, None, None, None, None, None
 
 
