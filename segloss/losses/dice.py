@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,18 +23,24 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import Weight, checked_buffer, per_class_vector, safe_ratio, weighted_cross_entropy
+from segloss.losses.cross_entropy import weighted_cross_entropy
 from segloss.losses.focal import focal_loss
 from segloss.losses.inputs import (
     Target,
+    Weight,
     _plain,
     activate,
     all_reduce_sum,
     check_finite,
     check_reduction,
+    check_sync_batch,
+    checked_buffer,
     class_sums,
+    first_class,
+    per_class_vector,
     prepare_target,
     reduce_loss,
+    safe_ratio,
     validate_act_args,
 )
 
@@ -145,8 +150,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
 def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
     if empty_target not in EMPTY_TARGET:
         raise ValueError(f"`empty_target` must be one of {EMPTY_TARGET}, got {empty_target!r}.")
-    if sync_batch and not batch:
-        raise ValueError("`sync_batch=True` all-reduces batch statistics and needs `batch=True`.")
+    check_sync_batch(batch, sync_batch)
 
 
 def class_stats(
@@ -203,22 +207,13 @@ def class_stats(
         tp, ps, ts = class_sums(
             p, tgt, batch=batch, squared_pred=squared_pred, soft_label=soft_label, sync_batch=sync_batch
         )
-    start = _start(include_background, input.shape[1])
+    start = first_class(include_background, input.shape[1])
     count = _count(input, tgt, batch, sync_batch) if with_count else None
     if start:
         tp, ps, ts = tp[..., start:], ps[..., start:], ts[..., start:]
         if count is not None and count.shape[-1] > 1:
             count = count[..., start:]
     return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
-
-
-def _start(include_background: bool, C: int) -> int:
-    if include_background:
-        return 0
-    if C == 1:
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
-        return 0
-    return 1
 
 
 def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:
@@ -531,7 +526,7 @@ def dice_focal_loss(
     return lambda_dice * dice + lambda_focal * focal
 
 
-class _Options(nn.Module):
+class OverlapLossBase(nn.Module):
     """Holds the options shared by the Dice-family modules and checks them once, at construction."""
 
     def _set_common(
@@ -570,7 +565,7 @@ class _Options(nn.Module):
         return {k: getattr(self, k) for k in names}
 
 
-_SHARED_ARGS = """
+OVERLAP_ARGS_DOC = """
         include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
         to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
             target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
@@ -594,7 +589,7 @@ _EMPTY_DOC = """
     ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch."""
 
 
-class DiceLoss(_Options):
+class DiceLoss(OverlapLossBase):
     """Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
 
     For probabilities ``p`` (``input`` after the activation) and target ``g``, per item ``b`` (or over the batch
@@ -619,7 +614,7 @@ class DiceLoss(_Options):
     probabilities and the input gradient); float32 sums under autocast; ``ValueError`` naming the bad argument.
 
     Args:"""
-        + _SHARED_ARGS
+        + OVERLAP_ARGS_DOC
         + """
         squared_pred: square ``p`` and ``g`` in the denominator.
         jaccard: soft Jaccard (IoU) instead of Dice.
@@ -705,7 +700,7 @@ class JaccardLoss(DiceLoss):
         super().__init__(jaccard=True, **kwargs)
 
 
-class GeneralizedDiceLoss(_Options):
+class GeneralizedDiceLoss(OverlapLossBase):
     """Generalised Dice loss of Sudre et al. (DLMIA 2017), a drop-in for MONAI 1.6.1's ``GeneralizedDiceLoss``.
 
     With the per-class sums of :class:`DiceLoss` (no squaring) and class weights ``r_c`` from the target volume
@@ -726,7 +721,7 @@ class GeneralizedDiceLoss(_Options):
     Args:"""
 
     __doc__ += (
-        _SHARED_ARGS
+        OVERLAP_ARGS_DOC
         + """
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         soft_label: exact formulation for soft (non-binary) targets.
@@ -778,7 +773,7 @@ class GeneralizedDiceLoss(_Options):
         )
 
 
-class DiceCELoss(_Options):
+class DiceCELoss(OverlapLossBase):
     """``lambda_dice * Dice + lambda_ce * cross-entropy``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceCELoss``.
 
     The Dice term is :func:`dice_loss`; the CE term is :func:`~segloss.losses.cross_entropy.weighted_cross_entropy`
@@ -803,7 +798,7 @@ class DiceCELoss(_Options):
     Args:"""
 
     __doc__ += (
-        _SHARED_ARGS
+        OVERLAP_ARGS_DOC
         + """
         squared_pred, jaccard: as :class:`DiceLoss`.
         weight: per-class weight (length ``C``) or scalar: CE class weight (BCE ``pos_weight`` for one channel)
@@ -891,7 +886,7 @@ class DiceCELoss(_Options):
         )
 
 
-class DiceFocalLoss(_Options):
+class DiceFocalLoss(OverlapLossBase):
     """``lambda_dice * Dice + lambda_focal * focal``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceFocalLoss``.
 
     The Dice term is :func:`dice_loss`; the focal term is :func:`~segloss.losses.focal.focal_loss` on the raw
@@ -909,7 +904,7 @@ class DiceFocalLoss(_Options):
     Args:"""
 
     __doc__ += (
-        _SHARED_ARGS
+        OVERLAP_ARGS_DOC
         + """
         squared_pred, jaccard: as :class:`DiceLoss`.
         gamma: focal exponent, >= 0.

@@ -24,8 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import Weight, checked_buffer, per_class_vector, safe_ratio
-from segloss.losses.inputs import Target, _plain, check_finite, check_reduction, prepare_target
+from segloss.losses.inputs import (
+    Target,
+    Weight,
+    _plain,
+    check_finite,
+    check_reduction,
+    checked_buffer,
+    first_class,
+    per_class_vector,
+    prepare_target,
+    safe_ratio,
+)
 
 __all__ = ["FocalLoss", "focal_loss"]
 
@@ -258,12 +268,7 @@ def focal_loss(
     check_finite(input, "input")
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     B, C = input.shape[:2]
-    start = 0
-    if not include_background:
-        if C == 1:
-            warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
-        else:
-            start = 1
+    start = first_class(include_background, C)
     n = C - start
     if use_softmax and start and isinstance(alpha, float) and not softmax_over_all_channels:
         warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3)

@@ -29,14 +29,20 @@ import torch.distributed as dist
 
 __all__ = [
     "Target",
+    "Weight",
     "activate",
     "all_reduce_sum",
     "as_class_weight",
     "check_finite",
+    "check_sync_batch",
+    "checked_buffer",
     "class_sums",
+    "first_class",
     "input_checks_enabled",
+    "per_class_vector",
     "prepare_target",
     "reduce_loss",
+    "safe_ratio",
     "set_input_checks",
     "validate_act_args",
 ]
@@ -402,3 +408,62 @@ def check_reduction(reduction: str) -> str:
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
     return reduction
+
+
+def first_class(include_background: bool, num_channels: int) -> int:
+    """Index of the first channel a loss uses: 1 without background, but 0 (MONAI's warning) for one channel."""
+    if include_background:
+        return 0
+    if num_channels == 1:
+        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=4)
+        return 0
+    return 1
+
+
+def check_sync_batch(batch: bool, sync_batch: bool) -> None:
+    if sync_batch and not batch:
+        raise ValueError("`sync_batch=True` all-reduces batch statistics and needs `batch=True`.")
+
+
+Weight = float | Sequence[float] | torch.Tensor | None
+
+
+def checked_buffer(value: Weight, name: str) -> torch.Tensor | None:
+    """A scalar or per-class option as a float32 tensor (0-dim or 1D), checked finite and non-negative on the host
+    (modules do this once, at construction, and keep the result as a buffer)."""
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.ndim > 1:
+        raise ValueError(f"`{name}` must be a number or a 1D sequence, got shape {tuple(t.shape)}.")
+    checked = as_class_weight(t, max(t.numel(), 1), name)
+    return checked if t.ndim else checked[0]
+
+
+def per_class_vector(value: Weight, n: int, name: str, device: torch.device) -> torch.Tensor | None:
+    """``value`` as a float32 vector of length ``n`` on ``device`` (a scalar is broadcast), or None.
+
+    Numbers and sequences are checked here (:func:`checked_buffer`); tensors are taken as already checked, so
+    that a module's buffer on the GPU costs no device sync.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        value = checked_buffer(value, name)
+    value = value.to(device=device, dtype=torch.float32)
+    if value.ndim == 0:
+        return value.expand(n)
+    if value.ndim != 1 or value.shape[0] != n:
+        raise ValueError(
+            f"The length of `{name}` ({value.numel()}) must equal the number of classes used ({n}); "
+            "with include_background=False it must not include the background class 0."
+        )
+    return value
+
+
+def safe_ratio(num: torch.Tensor, den: torch.Tensor | float) -> torch.Tensor:
+    """``num / den`` with ``den`` floored at the smallest normal float32: a zero total weight (everything
+    ignored) gives 0 with a zero gradient instead of NaN, while any real weight sum is left unchanged."""
+    if isinstance(den, torch.Tensor):
+        den = den.clamp_min(torch.finfo(torch.float32).tiny)
+    return num / den

@@ -23,21 +23,24 @@ the result equals the loss of the compacted vectors exactly (ties included), wit
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import Weight, checked_buffer, per_class_vector, safe_ratio
 from segloss.losses.inputs import (
+    Weight,
     _plain,
     activate,
     check_finite,
     check_reduction,
+    checked_buffer,
+    first_class,
     input_checks_enabled,
+    per_class_vector,
     prepare_target,
+    safe_ratio,
     validate_act_args,
 )
 
@@ -134,15 +137,6 @@ def _binary_label_channel(input: torch.Tensor, target: torch.Tensor) -> torch.Te
     return target.unsqueeze(1) if input.shape[1] == 1 and target.ndim == input.ndim - 1 else target
 
 
-def _start(include_background: bool, C: int) -> int:
-    if include_background:
-        return 0
-    if C == 1:
-        warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
-        return 0
-    return 1
-
-
 def _selected_classes(classes: str | Sequence[int], C: int, start: int) -> tuple[list[int], bool]:
     """The class indices whose losses are averaged, and whether only the present ones count."""
     if isinstance(classes, str):
@@ -227,7 +221,7 @@ def lovasz_softmax(
     target = _binary_label_channel(input, target)
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index)
     B, C = input.shape[:2]
-    start = _start(include_background, C)
+    start = first_class(include_background, C)
     sel, present = _selected_classes(classes, C, start)
     with torch.autocast(input.device.type, enabled=False):
         cw = per_class_vector(weight, C - start, "weight", input.device)

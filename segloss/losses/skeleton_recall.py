@@ -18,6 +18,7 @@ from segloss.losses.inputs import (
     activate,
     check_finite,
     check_reduction,
+    check_sync_batch,
     class_sums,
     prepare_target,
     reduce_loss,
@@ -103,8 +104,7 @@ class SkeletonRecallLoss(nn.Module):
         for name, value in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
             if not (float(value) >= 0 and float(value) != float("inf")):
                 raise ValueError(f"`{name}` must be finite and >= 0, got {value}.")
-        if sync_batch and not batch:
-            raise ValueError("`sync_batch=True` sums batch statistics across ranks and needs `batch=True`.")
+        check_sync_batch(batch, sync_batch)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.sigmoid = sigmoid

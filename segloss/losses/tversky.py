@@ -18,7 +18,14 @@ from collections.abc import Callable
 
 import torch
 
-from segloss.losses.dice import _SHARED_ARGS, ClassStats, _Options, check_options, class_stats, empty_to_fp_rate
+from segloss.losses.dice import (
+    OVERLAP_ARGS_DOC,
+    ClassStats,
+    OverlapLossBase,
+    check_options,
+    class_stats,
+    empty_to_fp_rate,
+)
 from segloss.losses.inputs import check_reduction, reduce_loss
 
 __all__ = ["FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss", "tversky_loss"]
@@ -129,7 +136,7 @@ _TVERSKY_EMPTY = """
     ``sum_v w_v p_v / sum_v w_v`` (3e-7 per voxel costs ~3e-7, 1 everywhere costs 1, nothing valid costs 0)."""
 
 
-class TverskyLoss(_Options):
+class TverskyLoss(OverlapLossBase):
     """Tversky loss (Salehi et al., MLMI 2017), a drop-in for MONAI 1.6.1's ``monai.losses.TverskyLoss``.
 
     With the per-class sums of :class:`~segloss.losses.dice.DiceLoss` (``tp``, ``P = sum w p``, ``G = sum w g``;
@@ -147,7 +154,7 @@ class TverskyLoss(_Options):
         + """
 
     Args:"""
-        + _SHARED_ARGS
+        + OVERLAP_ARGS_DOC
         + """
         alpha, beta: false-positive / false-negative weights, >= 0 (0.5, 0.5 = Dice).
         soft_label: exact formulation for soft (non-binary) targets.
