@@ -2,8 +2,15 @@
 
 Every (loss, implementation, case) runs in a fresh subprocess, so peak memory is not polluted by earlier cases:
 on CUDA it is ``torch.cuda.max_memory_allocated``, on CPU the rise of the process's peak RSS (``ru_maxrss``) over
-the RSS after the inputs were made. Time is the median of ``--repeats`` forward+backward passes after warm-up,
-with a fixed thread count. Targets are integer label maps ``(B,1,*)`` (MONAI with ``to_onehot_y=True``).
+the RSS after the inputs were made, taken on the first step. Time is the median of ``--repeats`` forward+backward
+passes after warm-up, with a fixed thread count; each worker runs ``--rounds`` times, interleaved with the other
+implementations of the case, and the table gives the median over rounds. Targets are integer label maps
+``(B,1,*)`` (MONAI with ``to_onehot_y=True``).
+
+On the CPU, glibc hands large blocks back to the OS when they are freed, so every step page-faults its buffers
+in again; that cost varied the time of one loss by up to 2x between processes here. After the memory step the
+CPU worker therefore tells glibc to keep freed memory (``mallopt``), the CPU counterpart of CUDA's caching
+allocator, which every GPU run has. ``--system-malloc`` keeps glibc's defaults.
 
     python benchmarks/losses.py                      # all losses, all cases, markdown table on stdout
     python benchmarks/losses.py --cases 1x14x96^3 --losses dice focal --repeats 3
@@ -89,7 +96,24 @@ def _lovasz_fn(loss_name: str, impl: str, logits, label):
     return eval(LOVASZ[loss_name][impl], {**globals(), **locals()})  # the lambdas see the inputs above
 
 
-def worker(loss_name: str, impl: str, case: str, repeats: int, threads: int, device: str) -> dict:
+def _keep_freed_memory() -> bool:
+    """Ask glibc to serve every allocation from its heap and never trim it, so later steps reuse memory."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def worker(
+    loss_name: str, impl: str, case: str, repeats: int, threads: int, device: str, keep_freed: bool = False
+) -> dict:
     import monai  # noqa: F401
     import torch
     import torch.nn.functional as F  # noqa: F401
@@ -127,22 +151,45 @@ def worker(loss_name: str, impl: str, case: str, repeats: int, threads: int, dev
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        if keep_freed:
+            keep_freed = _keep_freed_memory()
+    step()
     step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"ms": 1000 * statistics.median(times), "peak_mb": peak}
+    return {"ms": 1000 * statistics.median(times), "peak_mb": peak, "kept_freed": keep_freed}
 
 
 def run_case(loss_name, impl, case, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", loss_name, impl, case]
     cmd += ["--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+    if args.system_malloc:
+        cmd.append("--system-malloc")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(entries, case, args) -> dict:
+    """Run every (loss, impl) entry of one case ``args.rounds`` times, round-robin, so slow phases of a shared
+    machine hit all implementations alike. ms: median over rounds; peak MB: the first round's."""
+    runs = {entry: [] for entry in entries}
+    for _ in range(args.rounds):
+        for entry in entries:
+            runs[entry].append(run_case(*entry, case, args))
+    results = {}
+    for (name, impl), outs in runs.items():
+        good = [o for o in outs if "error" not in o]
+        if not good:
+            results[(name, impl, case)] = outs[0]
+            continue
+        ms = [o["ms"] for o in good]
+        results[(name, impl, case)] = {"ms": statistics.median(ms), "peak_mb": good[0]["peak_mb"], "rounds_ms": ms}
+    return results
 
 
 def main() -> None:
@@ -150,30 +197,33 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--losses", nargs="*", default=[*LOSSES, *LOVASZ], choices=[*LOSSES, *LOVASZ])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="subprocess runs per entry, interleaved")
+    parser.add_argument("--system-malloc", action="store_true", help="time with glibc's default (trimming) malloc")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", nargs=3, metavar=("LOSS", "IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.repeats, args.threads, args.device)))
+        keep_freed = args.device == "cpu" and not args.system_malloc
+        print(json.dumps(worker(*args.worker, args.repeats, args.threads, args.device, keep_freed)))
         return
 
     results = {}
     for case in args.cases:
-        results[(BASELINE, "torch", case)] = run_case("cross_entropy", "torch", case, args)
-        results[(*MEMORY_REFERENCE, case)] = run_case(*MEMORY_REFERENCE, case, args)
+        entries = [("cross_entropy", "torch"), MEMORY_REFERENCE]
         for name in args.losses:
             for impl in LOVASZ[name] if name in LOVASZ else ("segloss", "monai"):
-                if impl == "monai" and LOSSES[name][1] is None:
-                    continue
-                if (name, impl, case) not in results:
-                    results[(name, impl, case)] = run_case(name, impl, case, args)
-            print(f"done {case}", file=sys.stderr, flush=True)
+                if (impl != "monai" or LOSSES[name][1] is not None) and (name, impl) not in entries:
+                    entries.append((name, impl))
+        for (name, impl, c), out in run_rounds(entries, case, args).items():
+            results[(BASELINE if impl == "torch" else name, impl, c)] = out
+        print(f"done {case}", file=sys.stderr, flush=True)
 
+    malloc = "glibc default" if args.system_malloc or args.device != "cpu" else "freed memory kept (mallopt)"
     print(
-        f"threads={args.threads} device={args.device} repeats={args.repeats} (median ms of forward+backward; "
-        "peak MB above the inputs)\n"
+        f"threads={args.threads} device={args.device} repeats={args.repeats} rounds={args.rounds} malloc: {malloc} "
+        "(ms: median over rounds of the median forward+backward; peak MB above the inputs, first step)\n"
     )
     print(
         "| case | loss | segloss ms | MONAI ms | segloss/MONAI | segloss/CE | segloss MB | MONAI MB "

@@ -31,12 +31,14 @@ from segloss.losses.inputs import (
     _plain,
     activate,
     all_reduce_sum,
+    batch_sums,
     check_finite,
     check_reduction,
     check_sync_batch,
     checked_buffer,
     class_sums,
     first_class,
+    label_sums,
     per_class_vector,
     prepare_target,
     reduce_loss,
@@ -82,14 +84,15 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
 
     Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
-    softmax gradient alive at once; here only ``p`` is saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``),
-    voxel weight ``w`` and ``k_v = dL/dCE w_v cw_t``::
+    softmax gradient alive at once; here only ``p`` and the ``(B, N)`` probability at the label are saved. With
+    ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w`` and ``k_v = dL/dCE w_v cw_t``::
 
         H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
         dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
 
-    ``batch`` / ``sync_batch`` reduce the sums inside ``class_sums``; the backward then broadcasts the ``(C,)``
-    gradients over the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would.
+    ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item. ``batch`` / ``sync_batch`` reduce the sums
+    as :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over
+    the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would.
     Not twice differentiable.
     """
 
@@ -108,8 +111,9 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             p = p.exp_()  # one (B, C, N) buffer for log p, then p
         else:
             p = torch.softmax(x, 1)
-        tp, ps, ts = class_sums(p, tgt, batch=batch, squared_pred=squared_pred, sync_batch=sync_batch)
-        ctx.save_for_backward(p, labels, w, ce_weight)
+        tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
+        tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
+        ctx.save_for_backward(p, labels, w, ce_weight, pw_at_label)
         ctx.flags = (squared_pred, batch, sync_batch, with_ce)
         ctx.mark_non_differentiable(ts)
         return tp, ps, ts, ce_sum
@@ -117,33 +121,43 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
-        p, labels, w, ce_weight = ctx.saved_tensors
+        p, labels, w, ce_weight, pw_at_label = ctx.saved_tensors
         squared_pred, batch, sync_batch, with_ce = ctx.flags
         if sync_batch:
             g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
         B = p.shape[0]
         if batch:
             g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
-        idx = labels.unsqueeze(1)
         grad_in = p.new_empty(ctx.in_shape)
-        grad = torch.mul(p, g_ps.unsqueeze(-1), out=grad_in.view(p.shape))
+        grad = grad_in.view(p.shape)
+        a = g_ps.unsqueeze(-1)  # (B, C, 1)
         if squared_pred:
-            grad.mul_(p).mul_(2)
-        if w is not None:
-            grad.mul_(w)
-        at_label = p.gather(1, idx) * g_tp.gather(1, labels).unsqueeze(1)  # p_t b_t, (B, 1, N)
-        if w is not None:
-            at_label = at_label * w
-        coef = grad.sum(1, keepdim=True).add_(at_label).neg_()
+            torch.mul(p, a, out=grad).mul_(p).mul_(2)  # H without the label term
+            if w is not None:
+                grad.mul_(w)
+            h_sum = grad.sum(1, keepdim=True)
+        else:  # sum_k w p_k a_k as a matrix product: one read of p
+            h_sum = torch.bmm(g_ps.unsqueeze(1), p)
+            if w is not None:
+                h_sum = h_sum * w
+        at_label = (pw_at_label * g_tp.gather(1, labels)).unsqueeze(1)  # w p_t b_t, (B, 1, N)
+        coef = h_sum.add_(at_label)  # sum_k H_k
         if with_ce:  # without the CE term k is 0: skip its two passes
             k = g_ce.expand(B, 1, labels.shape[1])
             if ce_weight is not None:
                 k = k * ce_weight[labels].unsqueeze(1)
             if w is not None:
                 k = k * w
-            coef, at_label = coef + k, at_label - k
-        grad.addcmul_(p, coef)
-        grad.scatter_add_(1, idx, at_label)
+            coef, at_label = coef - k, at_label - k
+        if squared_pred:
+            grad.addcmul_(p, coef, value=-1)
+        else:  # p_c (w a_c - coef): broadcast into the output, then one product with p
+            if w is None:
+                torch.sub(a, coef, out=grad)
+            else:
+                torch.mul(w, a, out=grad).sub_(coef)
+            grad.mul_(p)
+        grad.scatter_add_(1, labels.unsqueeze(1), at_label)
         return grad_in, None, None, None, None, None, None
 
 
@@ -182,10 +196,10 @@ def class_stats(
     returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
     """
     validate_act_args(sigmoid, softmax, other_act)
-    check_finite(input, "input")
     if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
+    check_finite(input, "input")  # after the target: the activation then reads the input while it is in cache
     ce_sum = ce_den = None
     if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]

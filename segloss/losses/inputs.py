@@ -33,12 +33,14 @@ __all__ = [
     "activate",
     "all_reduce_sum",
     "as_class_weight",
+    "batch_sums",
     "check_finite",
     "check_sync_batch",
     "checked_buffer",
     "class_sums",
     "first_class",
     "input_checks_enabled",
+    "label_sums",
     "per_class_vector",
     "prepare_target",
     "reduce_loss",
@@ -315,28 +317,7 @@ def class_sums(
         p = _plain(pred).float().reshape(B, C, -1)
         w = target.weight
         if target.labels is not None:
-            labels = target.labels
-            w_lab = None if w is None else w[:, 0]
-            p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
-            if w_lab is not None:
-                p_at_label = p_at_label * w_lab
-            # one flat bincount over (item, class) bins is faster than scatter_add_ on the CPU, but bincount has
-            # no gradient for its weights: tp keeps scatter_add_ when autograd needs it
-            bins = (labels + C * torch.arange(B, device=labels.device).unsqueeze(1)).view(-1)
-
-            def bin_sum(values: torch.Tensor | None) -> torch.Tensor:
-                return torch.bincount(bins, values, minlength=B * C).view(B, C).float()
-
-            if torch.is_grad_enabled() and p_at_label.requires_grad:
-                tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
-            else:
-                tp = bin_sum(p_at_label.reshape(-1))
-            target_sum = bin_sum(None if w_lab is None else w_lab.reshape(-1))
-            pp = p * p if squared_pred else p
-            if w_lab is None:
-                pred_sum = pp.sum(-1)
-            else:
-                pred_sum = torch.bmm(pp, w_lab.unsqueeze(-1)).squeeze(-1)
+            tp, pred_sum, target_sum, _ = label_sums(p, target.labels, w, squared_pred=squared_pred)
         else:
             g = target.dense
             if soft_label:
@@ -360,11 +341,53 @@ def class_sums(
                 pred_sum = (pw * p).sum(-1) if squared_pred else pw.sum(-1)
                 gw = g if w is None else g * w
                 target_sum = (gw * g).sum(-1) if squared_pred else gw.sum(-1)
-        if batch:
-            tp, pred_sum, target_sum = tp.sum(0), pred_sum.sum(0), target_sum.sum(0)
-            if sync_batch:
-                stacked = all_reduce_sum(torch.stack([tp, pred_sum, target_sum]))
-                tp, pred_sum, target_sum = stacked.unbind(0)
+        return batch_sums(tp, pred_sum, target_sum, batch=batch, sync_batch=sync_batch)
+
+
+def label_sums(
+    p: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, *, squared_pred: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The label-map half of :func:`class_sums`: ``(tp, pred_sum, target_sum)`` per item, ``(B, C)``, plus the
+    weighted probability at each voxel's label ``w_v p_{v,t_v}``, ``(B, N)``, which a closed-form backward reuses.
+
+    ``p`` is ``(B, C, N)`` float32, ``labels`` ``(B, N)`` int64 in ``[0, C)``, ``weight`` ``(B, 1, N)`` or None.
+    """
+    B, C = p.shape[:2]
+    w = None if weight is None else weight[:, 0]
+    pp = p * p if squared_pred else p
+    # pred_sum first, while p (just written by the activation) may still be in cache
+    pred_sum = pp.sum(-1) if w is None else torch.bmm(pp, w.unsqueeze(-1)).squeeze(-1)
+    p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
+    if w is not None:
+        p_at_label = p_at_label * w
+    # one flat bincount over (item, class) bins is faster than scatter_add_ on the CPU, but bincount has no
+    # gradient for its weights: tp keeps scatter_add_ when autograd needs it. int32 bins halve the label traffic
+    # of bincount's range passes.
+    bins = labels.to(torch.int32, copy=True)
+    if B > 1:
+        bins += C * torch.arange(B, device=labels.device, dtype=torch.int32).unsqueeze(1)
+    bins = bins.view(-1)
+
+    def bin_sum(values: torch.Tensor | None) -> torch.Tensor:
+        return torch.bincount(bins, values, minlength=B * C).view(B, C).float()
+
+    if torch.is_grad_enabled() and p_at_label.requires_grad:
+        tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
+    else:
+        tp = bin_sum(p_at_label.reshape(-1))
+    target_sum = bin_sum(None if w is None else w.reshape(-1))
+    return tp, pred_sum, target_sum, p_at_label
+
+
+def batch_sums(
+    tp: torch.Tensor, pred_sum: torch.Tensor, target_sum: torch.Tensor, *, batch: bool, sync_batch: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-item sums ``(B, C)`` as they leave :func:`class_sums`: summed over the batch with ``batch``, then
+    all-reduced across ranks with ``sync_batch``."""
+    if batch:
+        tp, pred_sum, target_sum = tp.sum(0), pred_sum.sum(0), target_sum.sum(0)
+        if sync_batch:
+            tp, pred_sum, target_sum = all_reduce_sum(torch.stack([tp, pred_sum, target_sum])).unbind(0)
     return tp, pred_sum, target_sum
 
 
