@@ -62,8 +62,9 @@ def _argsort_keys(keys: torch.Tensor) -> torch.Tensor:
     N = keys.shape[-1]
     flat = keys.reshape(-1, N)
     row = torch.arange(flat.shape[0], dtype=torch.int64).unsqueeze(-1)
-    combined = flat.to(torch.int64).add_(1 << 31).bitwise_or_(row << 32)  # in place: one (R, N) int64 buffer
-    perm = torch.sort(combined.view(-1), stable=True).indices
+    combined = flat.to(torch.int64).add_(1 << 31).bitwise_or_(row << 32).view(-1)  # in place: one int64 buffer
+    # sorted in place (the sorted keys are not needed): one fresh (R, N) int64 output fewer to fault in
+    perm = torch.sort(combined, stable=True, out=(combined, torch.empty_like(combined))).indices
     del combined
     return perm.view_as(flat).sub_(row * N).view(keys.shape)
 
@@ -91,19 +92,20 @@ class _LovaszExtension(torch.autograd.Function):
         if valid is not None:
             keys = keys.masked_fill(~valid, -1)
         perm = _argsort_keys(keys)
-        e_sorted = errors.gather(-1, perm)  # ignored voxels keep their error; their increment is zeroed below
         ignored = None if valid is None else (~valid).expand(errors.shape).gather(-1, perm)
         g = gt.expand(errors.shape).gather(-1, perm)
         rank = torch.arange(N, 0, -1, device=errors.device, dtype=errors.dtype)  # k = N - j
         if g.dtype == torch.bool:
-            count = g.cumsum(-1, dtype=torch.int32)  # exact
-            total = count[..., -1].to(errors.dtype)
+            # counts are whole numbers: a float cumsum is exact up to 2 / eps (2**24 in float32)
+            if N <= 2 / torch.finfo(errors.dtype).eps:
+                inter = g.cumsum(-1, dtype=errors.dtype)
+            else:
+                inter = g.cumsum(-1, dtype=torch.int64).to(errors.dtype)
+            total = inter[..., -1].clone()
             # I_k = count - g and U_k = k + I_k. g = 0: U grows by one, the increment is I / (U (U - 1)); g = 1: I drops
             # by one and U stays, 1 / U. With I, U the g = 0 expressions (I = count): (g ? 1 : I / U) / (U - 1).
-            inter = count.to(errors.dtype)
             union = inter + rank
-            den = inter + (rank - 1)
-            inc = inter.div_(union).masked_fill_(g, 1.0).div_(den)
+            inc = inter.div_(union).masked_fill_(g, 1.0).div_(union.sub_(1))  # buffers reused in place
             # U_k = 1 with g = 0 only at k = 1 of a row without ground truth (0/0 above): J jumps from 0 to 1
             inc[..., -1].masked_fill_(total == 0, 1.0)
         else:
@@ -117,9 +119,14 @@ class _LovaszExtension(torch.autograd.Function):
             inc = torch.where(union_prev > 0, num / (union_prev * union), 1.0)
         if ignored is not None:
             inc.masked_fill_(ignored, 0.0)  # ignored voxels: no increment, no gradient
-        loss = torch.linalg.vecdot(e_sorted, inc)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(torch.empty_like(inc).scatter_(-1, perm, inc))
+            # each voxel's increment in input order is the gradient; the loss is then a dot product in input order
+            # too, with no gather of the sorted errors
+            inc = torch.empty_like(inc).scatter_(-1, perm, inc)
+            ctx.save_for_backward(inc)
+            loss = torch.linalg.vecdot(errors, inc)
+        else:
+            loss = torch.linalg.vecdot(errors.gather(-1, perm), inc)
         ctx.mark_non_differentiable(total)
         return loss, total
 
