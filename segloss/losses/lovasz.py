@@ -19,10 +19,16 @@ are the float bits of the non-negative errors read as integers, which order like
 reaches PyTorch's radix sort). Ignored voxels get a key after every valid one and no ground truth, so they sit in
 a tail that changes neither the intersection nor the union of any valid position, and their increment is zeroed:
 the result equals the loss of the compacted vectors exactly (ties included), without copying them per class.
+
+Opt-in approximation (``tolerance``): the sort is the main cost. Counting each row's errors into equal bins of
+width <= ``tolerance`` (one histogram over all rows) fixes the decreasing order up to ties inside a bin, and the
+increments of a bin telescope to the same sum in any order, so the loss stays within ``tolerance`` of the exact
+one with no sort at all (:func:`_binned_increments`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -84,8 +90,16 @@ class _LovaszExtension(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, errors, gt, valid):
+    def forward(ctx, errors, gt, valid, tolerance=None):
         N = errors.shape[-1]
+        if tolerance is not None:
+            binned = _binned_increments(errors, gt, valid, tolerance)
+            if binned is not None:
+                inc, total = binned
+                if ctx.needs_input_grad[0]:
+                    ctx.save_for_backward(inc)
+                ctx.mark_non_differentiable(total)
+                return torch.linalg.vecdot(errors, inc), total
         # Non-negative floats order like their bits read as integers (a -0.0, read as the lowest key, sorts last in
         # decreasing order, where an error 0 belongs).
         keys = errors.view(_INT_OF_WIDTH[errors.element_size()])
@@ -134,7 +148,70 @@ class _LovaszExtension(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_total):
         (inc,) = ctx.saved_tensors
-        return inc * grad_loss.unsqueeze(-1), None, None
+        return inc * grad_loss.unsqueeze(-1), None, None, None
+
+
+def _jaccard_loss(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """``1 - I / U``, and 0 for the empty set (``U = 0``)."""
+    return torch.where(union > 0, 1 - inter / union.clamp_min(1), 0.0)
+
+
+def _binned_increments(
+    errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``tolerance`` mode of :class:`_LovaszExtension`: each voxel's increment (input order) and the per-row
+    ground-truth totals, from per-bin counts instead of a sort; None where the exact sort applies instead.
+
+    The errors of every row go into ``K = ceil(max error / tolerance)`` equal bins, in decreasing order. After all
+    voxels of a bin, ``J`` depends only on the set so far, so the increments inside a bin sum to the same ``dJ`` in
+    any order: the loss differs from the exact one by at most ``bin width * sum dJ <= tolerance`` per row (the
+    increments are >= 0 and sum to at most 1). Inside a bin, with ``I0``, ``U0`` before it, ``f`` foreground and
+    ``b`` background voxels: foreground first gives each foreground voxel ``1 / U0`` and the background voxels
+    ``J(I0 - f, U0 + b) - J(I0 - f, U0)``; background first gives them ``J(I0, U0 + b) - J(I0, U0)`` and each
+    foreground voxel ``1 / (U0 + b)``. Each voxel gets the mean of the two (per voxel, for the background).
+    """
+    if gt.dtype != torch.bool:
+        if not bool(((gt == 0) | (gt == 1)).all()):
+            return None  # soft ground truth: the per-bin counts below are for binary voxels
+        gt = gt.bool()
+    shape, N = errors.shape, errors.shape[-1]
+    errors = errors.reshape(-1, N)
+    R = errors.shape[0]
+    gt = gt.expand(shape).reshape(R, N)
+    valid = None if valid is None else valid.expand(shape).reshape(R, N)
+    emax = float(errors.amax()) if errors.numel() else 0.0
+    K = max(1, math.ceil(emax / tolerance))
+    if K > N:  # more bins than voxels: the sort is exact and not slower
+        return None
+    scale = K / emax if emax > 0 else 0.0
+    key = (emax - errors).mul_(scale).to(torch.int64).clamp_(0, K - 1)  # bin, 0 = largest errors
+    row = torch.arange(R, device=errors.device).unsqueeze(1) * (2 * K)
+    key = key.mul_(2).add_(row).add_(gt)  # flat index of (row, bin, foreground)
+    w = None if valid is None else valid.reshape(-1).to(errors.dtype)
+    counts = torch.bincount(key.view(-1), w, minlength=R * K * 2).view(R, K, 2).double()
+    n_bg, n_fg = counts.unbind(-1)
+    total = n_fg.sum(-1, keepdim=True)
+    inter0 = total - (n_fg.cumsum(-1) - n_fg)  # I0: foreground not yet in the predicted-wrong set
+    union0 = total + (n_bg.cumsum(-1) - n_bg)  # U0
+    union1 = union0 + n_bg
+    inc_fg = 0.5 * (1 / union0.clamp_min(1) + 1 / union1.clamp_min(1))
+    bg_fg_first = _jaccard_loss(inter0 - n_fg, union1) - _jaccard_loss(inter0 - n_fg, union0)
+    bg_bg_first = _jaccard_loss(inter0, union1) - _jaccard_loss(inter0, union0)
+    inc_bg = 0.5 * (bg_fg_first + bg_bg_first) / n_bg.clamp_min(1)
+    table = torch.stack([inc_bg, inc_fg], -1).to(errors.dtype).view(-1)
+    inc = table.take(key)
+    if valid is not None:
+        inc.masked_fill_(~valid, 0.0)
+    return inc.view(shape), total.to(errors.dtype).view(shape[:-1])
+
+
+def _check_tolerance(tolerance: float | None) -> float | None:
+    if tolerance is None:
+        return None
+    tolerance = float(tolerance)
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"`tolerance` must be None (exact) or a finite positive float, got {tolerance}.")
+    return tolerance
 
 
 def _binary_label_channel(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -185,7 +262,7 @@ def _lovasz_reduce(
 
 
 def _rows(
-    errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, per_image: bool
+    errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, per_image: bool, tolerance: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Lovász extension per (image, class) ``(B, n)`` or per class over the batch ``(n,)``, the ground-truth
     totals (same shape) and the valid-voxel counts (None if nothing is ignored).
@@ -199,7 +276,7 @@ def _rows(
         gt = gt.transpose(0, 1).reshape(n, B * N)
         if valid is not None:
             valid = valid.transpose(0, 1).reshape(valid.shape[1], B * N)
-    loss, total = _LovaszExtension.apply(errors, gt, valid)
+    loss, total = _LovaszExtension.apply(errors, gt, valid, tolerance)
     count = None if valid is None else valid.sum(-1).expand(total.shape)
     return loss, total, count
 
@@ -218,9 +295,11 @@ def lovasz_softmax(
     ignore_index: int | None = None,
     weight: Weight = None,
     reduction: str = "mean",
+    tolerance: float | None = None,
 ) -> torch.Tensor:
     """Functional form of :class:`LovaszSoftmaxLoss` (same arguments; see there for shapes, maths and conventions)."""
     reduction = check_reduction(reduction)
+    tolerance = _check_tolerance(tolerance)
     if softmax is None:
         softmax = not sigmoid and other_act is None
     validate_act_args(sigmoid, softmax, other_act)
@@ -252,7 +331,7 @@ def lovasz_softmax(
                 errors = errors.abs()
         else:
             errors = (ps - g).abs()
-        loss, total, count = _rows(errors, g, valid, per_image)
+        loss, total, count = _rows(errors, g, valid, per_image, tolerance)
         used = total > 0 if present else torch.ones_like(total, dtype=torch.bool)
         if count is not None:
             used = used & (count > 0)
@@ -268,9 +347,11 @@ def lovasz_hinge(
     per_image: bool = False,
     ignore_index: int | None = None,
     reduction: str = "mean",
+    tolerance: float | None = None,
 ) -> torch.Tensor:
     """Functional form of :class:`LovaszHingeLoss` (same arguments; see there for shapes, maths and conventions)."""
     reduction = check_reduction(reduction)
+    tolerance = _check_tolerance(tolerance)
     check_finite(input, "input")
     target = _binary_label_channel(input, target)
     tgt = prepare_target(input, target, ignore_index=ignore_index)
@@ -294,7 +375,7 @@ def lovasz_hinge(
                 g = g * valid
             errors = 1 - x * (2 * g - 1)
         # relu of the hinge: voxels with a non-positive hinge add nothing and sort after the others either way
-        loss, total, count = _rows(errors.relu_(), g, valid, per_image)
+        loss, total, count = _rows(errors.relu_(), g, valid, per_image, tolerance)
         used = torch.ones_like(total, dtype=torch.bool) if count is None else count > 0
         return _lovasz_reduce(loss, used, None, per_image, reduction)
 
@@ -333,6 +414,13 @@ class LovaszSoftmaxLoss(nn.Module):
     to one-hot) or a dense ``(B, C, *)`` one-hot / soft target. Computed in float32 with autocast off. No
     ``weight_map``: the Lovász extension is defined for sets of voxels, not weighted voxels.
 
+    ``tolerance`` (opt-in, default None = exact): instead of sorting, the errors of each row are counted into equal
+    bins of width <= ``tolerance`` (``ceil(max error / tolerance)`` bins), which costs a histogram instead of a sort.
+    The loss is then within ``tolerance`` (absolute) of the exact loss, for every class and so for every mean (see
+    ``_binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
+    (foreground first / background first). The bin edges depend on the data, so the values are read back to the
+    host once. Soft (non-binary) targets, and rows where the bins would outnumber the voxels, use the exact sort.
+
     Args:
         include_background: if False, class 0 is not among the classes averaged (see above).
         to_onehot_y: read the target as a label map (MONAI's name; a ``(B, 1, *)`` target with ``C > 1`` channels
@@ -344,6 +432,8 @@ class LovaszSoftmaxLoss(nn.Module):
             voxels to leave out.
         weight: class weights (see above), finite and >= 0.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (see above).
+        tolerance: None for the exact loss, or the largest allowed deviation from it (see above; softmax errors
+            lie in [0, 1], so ``1e-3`` means 1000 bins).
 
     Example::
 
@@ -363,9 +453,11 @@ class LovaszSoftmaxLoss(nn.Module):
         ignore_index: int | None = None,
         weight: Weight = None,
         reduction: str = "mean",
+        tolerance: float | None = None,
     ) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
+        self.tolerance = _check_tolerance(tolerance)
         validate_act_args(sigmoid, bool(softmax), other_act)
         if isinstance(classes, str):
             _selected_classes(classes, 1, 0)  # the class range is checked against the input in forward
@@ -401,6 +493,7 @@ class LovaszSoftmaxLoss(nn.Module):
             ignore_index=self.ignore_index,
             weight=self.class_weight,
             reduction=self.reduction,
+            tolerance=self.tolerance,
         )
 
 
@@ -425,15 +518,31 @@ class LovaszHingeLoss(nn.Module):
 
     Computed in float32 with autocast off, any number of spatial dims.
 
+    ``tolerance`` (opt-in, default None = exact): instead of sorting, the errors of each row are counted into equal
+    bins of width <= ``tolerance`` (``ceil(max error / tolerance)`` bins), which costs a histogram instead of a sort.
+    The loss is then within ``tolerance`` (absolute) of the exact loss, for every class and so for every mean (see
+    ``_binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
+    (foreground first / background first). The bin edges depend on the data, so the values are read back to the
+    host once. Soft (non-binary) targets, and rows where the bins would outnumber the voxels, use the exact sort.
+
     Args:
         per_image: score each image separately, then average over images.
         ignore_index: label (or dense-target value) of the voxels to leave out.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        tolerance: None for the exact loss, or the largest allowed deviation from it (hinge errors are not bounded:
+            the number of bins is the largest hinge divided by ``tolerance``).
     """
 
-    def __init__(self, per_image: bool = False, ignore_index: int | None = None, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        tolerance: float | None = None,
+    ) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
+        self.tolerance = _check_tolerance(tolerance)
         self.per_image = per_image
         self.ignore_index = ignore_index
 
@@ -444,5 +553,10 @@ class LovaszHingeLoss(nn.Module):
             target: binary mask(s) ``(B, C, *)`` (``(B, *)`` for ``C = 1``) or a label map for ``C > 1``.
         """
         return lovasz_hinge(
-            input, target, per_image=self.per_image, ignore_index=self.ignore_index, reduction=self.reduction
+            input,
+            target,
+            per_image=self.per_image,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            tolerance=self.tolerance,
         )

@@ -303,3 +303,97 @@ def test_cpu_radix_sort_of_prefixed_keys_equals_stable_2d_sort():
     keys = torch.randint(-1, 50, (3, 2, _RADIX_MIN + 5), generator=g, dtype=torch.int32)  # many ties and -1s
     keys[0, 0, :7] = torch.iinfo(torch.int32).max  # the largest key still sorts last in its row
     assert torch.equal(_argsort_keys(keys), torch.sort(keys, dim=-1, stable=True).indices)
+
+
+# --- tolerance: the binned approximation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("tolerance", [0.3, 1e-2, 1e-3])
+def test_binned_softmax_within_tolerance_of_exact(seed, per_image, tolerance):
+    x, lab = softmax_case(B=2, C=4, spatial=(9, 8, 7) if seed % 2 else (30, 31), seed=seed)
+    x = x * (1 + seed)  # sharper softmax: errors crowd near 0 and 1
+    lab[0, :2] = 255
+    kw = dict(per_image=per_image, ignore_index=255, classes="all" if seed % 3 else "present")
+    exact = lovasz_softmax(x.float(), lab, **kw)
+    approx = lovasz_softmax(x.float(), lab, tolerance=tolerance, **kw)
+    assert abs(float(approx) - float(exact)) <= tolerance * (1 + 1e-5)
+    if tolerance == 0.3:  # few bins: the approximation is visible, so the test can tell the two paths apart
+        assert float(approx) != float(exact)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tolerance", [0.5, 1e-2])
+def test_binned_hinge_within_tolerance_of_exact(seed, tolerance):
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(2, 3, 12, 11, generator=g)
+    target = (torch.rand(2, 3, 12, 11, generator=g) < 0.3).float()
+    for per_image in (False, True):
+        exact = lovasz_hinge(x, target, per_image=per_image)
+        approx = lovasz_hinge(x, target, per_image=per_image, tolerance=tolerance)
+        assert abs(float(approx) - float(exact)) <= tolerance * (1 + 1e-5)
+
+
+def test_binned_bound_on_random_rows():
+    """The bound of ``_binned_increments`` per row, on adversarial rows: tied errors, errors in few clusters, rows
+    without foreground or without background, ignored voxels."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        R, N = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(1, 300, (), generator=g))
+        e = torch.rand(R, N, generator=g, dtype=torch.float64) ** float(4 * torch.rand((), generator=g))
+        e = e * float(5 * torch.rand((), generator=g))
+        if trial % 3 == 0:
+            e = (e * 8).round() / 8
+        fg = torch.rand(R, N, generator=g) < [0.0, 1.0, 0.3, 0.9][trial % 4]
+        valid = torch.rand(R, N, generator=g) < 0.8 if trial % 2 else None
+        fg = fg if valid is None else fg & valid
+        tolerance = float(10 ** (-2.5 * torch.rand((), generator=g)))
+        exact, total = _LovaszExtension.apply(e, fg, valid)
+        approx, total_binned = _LovaszExtension.apply(e, fg, valid, tolerance)
+        assert float((approx - exact).abs().max()) <= tolerance * (1 + 1e-9)
+        assert torch.equal(total, total_binned)
+
+
+def test_binned_equals_exact_when_every_voxel_has_its_own_bin():
+    """Errors spaced more than a bin apart: one voxel per bin, so value and gradient are the exact ones."""
+    N = 64
+    e = ((torch.randperm(N, generator=torch.Generator().manual_seed(0)) + 0.5) / N).double().repeat(3, 1)
+    fg = torch.rand(3, N, generator=torch.Generator().manual_seed(1)) < 0.4
+    grads = []
+    for tolerance in (None, 1 / N):
+        ee = e.clone().requires_grad_()
+        loss, _ = _LovaszExtension.apply(ee, fg, None, tolerance)
+        loss.sum().backward()
+        grads.append((loss.detach(), ee.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=1e-12)
+
+
+def test_binned_falls_back_to_exact():
+    from segloss.losses.lovasz import _binned_increments
+
+    e = torch.rand(2, 10, dtype=torch.float64)
+    assert _binned_increments(e, torch.rand(2, 10, dtype=torch.float64), None, 0.1) is None  # soft target
+    assert _binned_increments(e, torch.rand(2, 10) < 0.5, None, 1e-3) is None  # 1000 bins > 10 voxels
+    assert _binned_increments(e, (torch.rand(2, 10) < 0.5).double(), None, 0.1) is not None  # binary float target
+    x, lab = softmax_case(spatial=SHAPES["2d"])
+    soft = F.softmax(torch.randn(3, 4, 6, 7, generator=torch.Generator().manual_seed(0)), 1)
+    exact = lovasz_softmax(x.float(), soft)
+    assert torch.equal(lovasz_softmax(x.float(), soft, tolerance=0.5), exact)
+
+
+def test_binned_perfect_fully_ignored_and_bad_tolerance():
+    x, lab = softmax_case(spatial=SHAPES["2d"])
+    logits = 50.0 * (2 * (lab == 1).float() - 1)
+    assert float(lovasz_hinge(logits.unsqueeze(1), (lab == 1).float(), tolerance=1e-3)) == 0.0
+    xs = x.float().requires_grad_()
+    out = lovasz_softmax(xs, torch.full_like(lab, 255), ignore_index=255, per_image=True, tolerance=1e-2)
+    out.backward()
+    assert float(out.detach()) == 0.0 and torch.isfinite(xs.grad).all()
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tolerance"):
+            LovaszSoftmaxLoss(tolerance=bad)
+        with pytest.raises(ValueError, match="tolerance"):
+            lovasz_hinge(x[:, :1].float(), (lab == 1).float(), tolerance=bad)
+    assert LovaszHingeLoss(tolerance=1e-3).tolerance == 1e-3
