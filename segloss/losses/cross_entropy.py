@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segloss.losses.inputs import (
+    Target,
     Weight,
     _plain,
-    check_finite,
     check_reduction,
     checked_buffer,
     per_class_vector,
@@ -23,12 +23,40 @@ from segloss.losses.inputs import (
     safe_ratio,
 )
 
-__all__ = ["WeightedCrossEntropyLoss", "weighted_cross_entropy"]
+__all__ = ["WeightedCrossEntropyLoss", "check_ce_args", "weighted_cross_entropy"]
+
+
+def check_ce_args(
+    input: torch.Tensor,
+    weight_map: torch.Tensor | None,
+    *,
+    label_smoothing: float,
+    sigmoid: bool,
+    pos_weight: Weight,
+) -> None:
+    """The argument checks of :func:`weighted_cross_entropy`, for losses that hold a CE term."""
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
+    if input.ndim < 3:
+        raise ValueError(
+            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
+        )
+    C = input.shape[1]
+    if not sigmoid:
+        if C == 1:
+            raise ValueError("`input` has one channel: softmax cross-entropy is constant; use `sigmoid=True`.")
+        if pos_weight is not None:
+            raise ValueError("`pos_weight` applies to the sigmoid (binary) cross-entropy only; set `sigmoid=True`.")
+        if weight_map is not None and weight_map.ndim == input.ndim and weight_map.shape[1] == C:
+            raise ValueError(
+                "`weight_map` with one channel per class needs `sigmoid=True`; softmax cross-entropy takes one "
+                "weight per voxel, shape (B,1,*spatial) or (B,*spatial)."
+            )
 
 
 def weighted_cross_entropy(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     weight_map: torch.Tensor | None = None,
     *,
     class_weight: Weight = None,
@@ -41,26 +69,8 @@ def weighted_cross_entropy(
 ) -> torch.Tensor:
     """Functional form of :class:`WeightedCrossEntropyLoss` (same arguments; see there for shapes and maths)."""
     reduction = check_reduction(reduction)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
-    if input.ndim < 3:
-        raise ValueError(
-            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
-        )
+    check_ce_args(input, weight_map, label_smoothing=label_smoothing, sigmoid=sigmoid, pos_weight=pos_weight)
     B, C = input.shape[:2]
-    if not sigmoid:
-        if C == 1:
-            raise ValueError("`input` has one channel: softmax cross-entropy is constant; use `sigmoid=True`.")
-        if pos_weight is not None:
-            raise ValueError("`pos_weight` applies to the sigmoid (binary) cross-entropy only; set `sigmoid=True`.")
-        if weight_map is not None and weight_map.ndim == input.ndim and weight_map.shape[1] == C:
-            raise ValueError(
-                "`weight_map` with one channel per class needs `sigmoid=True`; softmax cross-entropy takes one "
-                "weight per voxel, shape (B,1,*spatial) or (B,*spatial)."
-            )
-    elif C == 1 and target.ndim == input.ndim - 1:
-        target = target.unsqueeze(1)  # a (B,*) binary mask, not class indices of a one-channel input
-    check_finite(input, "input")
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     eps = float(label_smoothing)
     with torch.autocast(input.device.type, enabled=False):

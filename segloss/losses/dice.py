@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import weighted_cross_entropy
+from segloss.losses.cross_entropy import check_ce_args, weighted_cross_entropy
 from segloss.losses.focal import focal_loss
 from segloss.losses.inputs import (
     Target,
@@ -32,7 +32,6 @@ from segloss.losses.inputs import (
     activate,
     all_reduce_sum,
     batch_sums,
-    check_finite,
     check_reduction,
     check_sync_batch,
     checked_buffer,
@@ -169,7 +168,7 @@ def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
 
 def class_stats(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     weight_map: torch.Tensor | None = None,
     *,
     include_background: bool = True,
@@ -196,10 +195,7 @@ def class_stats(
     returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
     """
     validate_act_args(sigmoid, softmax, other_act)
-    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
-        target = target.unsqueeze(1)
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
-    check_finite(input, "input")  # after the target: the activation then reads the input while it is in cache
     ce_sum = ce_den = None
     if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]
@@ -249,7 +245,7 @@ def empty_to_fp_rate(f: torch.Tensor, s: ClassStats) -> torch.Tensor:
 
 def dice_loss(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     weight_map: torch.Tensor | None = None,
     *,
     include_background: bool = True,
@@ -314,7 +310,7 @@ def dice_from_stats(
 
 def generalized_dice_loss(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     weight_map: torch.Tensor | None = None,
     *,
     include_background: bool = True,
@@ -425,16 +421,17 @@ def dice_ce_loss(
         dice_weight = dice_weight[1:] if dice_weight.ndim else dice_weight  # MONAI: the CE weight without class 0
     check_options(empty_target, batch, sync_batch)
     bce = C == 1 or (sigmoid_ce and sigmoid)
+    ce_smoothing = label_smoothing if C > 1 else 0.0  # MONAI's BCE term of one channel has no smoothing
+    check_ce_args(input, weight_map, label_smoothing=ce_smoothing, sigmoid=bce, pos_weight=weight if bce else None)
+    # one prepared target (checks, ignore mask, weight map) for both terms
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     s = class_stats(
         input,
-        target,
-        weight_map,
+        tgt,
         include_background=include_background,
-        to_onehot_y=to_onehot_y,
         sigmoid=sigmoid,
         softmax=softmax,
         other_act=other_act,
-        ignore_index=ignore_index,
         batch=batch,
         squared_pred=squared_pred,
         sync_batch=sync_batch,
@@ -446,33 +443,23 @@ def dice_ce_loss(
     if s.ce_sum is not None:  # softmax + label map: the CE came from the same softmax
         ce = s.ce_sum if reduction == "sum" else safe_ratio(s.ce_sum, s.ce_den)
         return lambda_dice * dice + lambda_ce * ce
-    common = dict(to_onehot_y=to_onehot_y, ignore_index=ignore_index, reduction=reduction)
     if bce:
-        # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing, for one channel only
+        # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing for one channel
         ce = weighted_cross_entropy(
-            input,
-            target,
-            weight_map,
-            sigmoid=True,
-            pos_weight=weight,
-            label_smoothing=label_smoothing if C > 1 else 0.0,
-            **common,
+            input, tgt, sigmoid=True, pos_weight=weight, label_smoothing=ce_smoothing, reduction=reduction
         )
     else:
-        dense_mean = weight is not None and reduction == "mean" and not ce_weighted_mean
-        dense_mean = dense_mean and not (to_onehot_y or target.ndim < input.ndim or target.shape[1] == 1)
+        dense_mean = weight is not None and reduction == "mean" and not ce_weighted_mean and not tgt.is_labels
         ce = weighted_cross_entropy(
             input,
-            target,
-            weight_map,
+            tgt,
             class_weight=weight,
             label_smoothing=label_smoothing,
-            **(common | ({"reduction": "sum"} if dense_mean else {})),
+            reduction="sum" if dense_mean else reduction,
         )
         if dense_mean:
             # torch (so MONAI) divides a class-weighted CE with probability targets by the voxel count
-            tgt = prepare_target(input, target, ignore_index=ignore_index, weight_map=weight_map)
-            voxels = target[:, 0].numel() if tgt.weight is None else tgt.weight.amin(1).sum()
+            voxels = input[:, 0].numel() if tgt.weight is None else tgt.weight.amin(1).sum()
             ce = safe_ratio(ce, voxels)
     return lambda_dice * dice + lambda_ce * ce
 
@@ -506,25 +493,16 @@ def dice_focal_loss(
     """Functional form of :class:`DiceFocalLoss` (same arguments; see there)."""
     lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
     lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
-    common = dict(
-        include_background=include_background,
-        to_onehot_y=to_onehot_y,
-        weight=weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-    )
-    if input.ndim >= 3 and input.shape[1] == 1 and target.ndim == input.ndim - 1:
-        target = target.unsqueeze(1)  # a (B,*) binary mask for a one-channel input, as in the Dice term
+    common = dict(include_background=include_background, weight=weight, reduction=reduction)
+    # one prepared target (checks, ignore mask, weight map) for both terms
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     # ce_mean: "mean" divides by the valid voxels whether or not ignore_index is set (ignoring == cropping).
     # The focal term goes first: backward then runs the Dice term's first, and its gradient buffer receives the
     # focal gradient in place, so two full-size tensors (not three) are alive at the peak.
-    focal = focal_loss(
-        input, target, weight_map, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common
-    )
+    focal = focal_loss(input, tgt, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common)
     dice = dice_loss(
         input,
-        target,
-        weight_map,
+        tgt,
         sigmoid=sigmoid,
         softmax=softmax,
         other_act=other_act,

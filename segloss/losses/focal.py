@@ -28,7 +28,6 @@ from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
-    check_finite,
     check_reduction,
     checked_buffer,
     first_class,
@@ -241,7 +240,7 @@ def _sigmoid_focal(
 
 def focal_loss(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     weight_map: torch.Tensor | None = None,
     *,
     include_background: bool = True,
@@ -265,7 +264,6 @@ def focal_loss(
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {alpha}.")
-    check_finite(input, "input")
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     B, C = input.shape[:2]
     start = first_class(include_background, C)

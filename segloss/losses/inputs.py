@@ -152,7 +152,7 @@ def _label_map(target: torch.Tensor, input_ndim: int) -> torch.Tensor:
 
 def prepare_target(
     input: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | Target,
     *,
     to_onehot_y: bool = False,
     ignore_index: int | None = None,
@@ -162,7 +162,7 @@ def prepare_target(
 
     The target is a **label map** when ``to_onehot_y=True``, when it has no channel axis ``(B,*)``, or when
     it has one channel while ``input`` has several; otherwise it must have ``input``'s shape and is
-    **dense**. Label maps may be integer or float tensors holding whole numbers (MONAI loaders give float
+    **dense**. For a one-channel ``input`` a ``(B,*)`` target is the binary mask ``(B,1,*)`` (dense). Label maps may be integer or float tensors holding whole numbers (MONAI loaders give float
     labels); values must lie in ``[0, C)`` apart from ``ignore_index``.
 
     ``ignore_index`` on a label map masks the voxels with that label. On a dense target it follows
@@ -173,18 +173,36 @@ def prepare_target(
     ``weight_map`` ``(B,1,*)``, ``(B,*)`` or ``(B,C,*)`` (dense targets only for the latter) multiplies the
     voxel weight; it must be finite and non-negative.
 
+    ``input`` is checked too: NaN/Inf in it raise here, so every loss validates its input and target in one place.
+
+    A :class:`Target` (prepared by an earlier call for the same input, e.g. by a compound loss for each of its
+    terms) is returned as it is after a shape check: it already holds the ignore mask and the weight map, so
+    ``to_onehot_y`` and ``ignore_index`` do not apply and ``weight_map`` must be None.
+
     Raises:
         ValueError: naming ``target``, ``input`` or ``weight_map`` for shape mismatches, non-integer or
             out-of-range labels, NaN/Inf, or negative weights.
     """
     input = _plain(input)
-    target = _plain(target)
     if input.ndim < 3:
         raise ValueError(
             f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
         )
     B, C = input.shape[:2]
     spatial = input.shape[2:]
+    if isinstance(target, Target):
+        if weight_map is not None:
+            raise ValueError("`weight_map` must be None with a prepared Target: its weight is already in the Target.")
+        items = (target.labels if target.is_labels else target.dense).shape[0]
+        if target.num_classes != C or target.spatial_shape != spatial or items != B:
+            raise ValueError(
+                f"The prepared `target` ({items} items, {target.num_classes} classes, spatial "
+                f"{tuple(target.spatial_shape)}) was made for another input than {tuple(input.shape)}."
+            )
+        return target
+    target = _plain(target)
+    if C == 1 and target.ndim == input.ndim - 1:
+        target = target.unsqueeze(1)  # one channel: a (B,*) target is its binary mask, not class indices
     checks = input_checks_enabled()
 
     is_labels = (
@@ -269,6 +287,7 @@ def prepare_target(
             raise ValueError("`weight_map` must be finite and non-negative.")
         weight = wm if weight is None else weight * wm
 
+    check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
     return Target(labels=labels, dense=dense, weight=weight, num_classes=C, spatial_shape=spatial)
 
 

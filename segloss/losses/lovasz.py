@@ -39,7 +39,6 @@ from segloss.losses.inputs import (
     Weight,
     _plain,
     activate,
-    check_finite,
     check_reduction,
     checked_buffer,
     first_class,
@@ -214,13 +213,6 @@ def _check_tolerance(tolerance: float | None) -> float | None:
     return tolerance
 
 
-def _binary_label_channel(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """A ``(B, *)`` binary mask for a one-channel input is its ``(B, 1, *)`` dense target (a label map of one
-    channel would only admit the value 0)."""
-    target = _plain(target)
-    return target.unsqueeze(1) if input.shape[1] == 1 and target.ndim == input.ndim - 1 else target
-
-
 def _selected_classes(classes: str | Sequence[int], C: int, start: int) -> tuple[list[int], bool]:
     """The class indices whose losses are averaged, and whether only the present ones count."""
     if isinstance(classes, str):
@@ -303,8 +295,6 @@ def lovasz_softmax(
     if softmax is None:
         softmax = not sigmoid and other_act is None
     validate_act_args(sigmoid, softmax, other_act)
-    check_finite(input, "input")
-    target = _binary_label_channel(input, target)
     tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index)
     B, C = input.shape[:2]
     start = first_class(include_background, C)
@@ -352,8 +342,6 @@ def lovasz_hinge(
     """Functional form of :class:`LovaszHingeLoss` (same arguments; see there for shapes, maths and conventions)."""
     reduction = check_reduction(reduction)
     tolerance = _check_tolerance(tolerance)
-    check_finite(input, "input")
-    target = _binary_label_channel(input, target)
     tgt = prepare_target(input, target, ignore_index=ignore_index)
     B, C = input.shape[:2]
     with torch.autocast(input.device.type, enabled=False):

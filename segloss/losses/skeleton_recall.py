@@ -16,7 +16,6 @@ from torch import nn
 
 from segloss.losses.inputs import (
     activate,
-    check_finite,
     check_reduction,
     check_sync_batch,
     class_sums,
@@ -133,7 +132,6 @@ class SkeletonRecallLoss(nn.Module):
         """
         if skeleton is not None:
             target = skeleton
-        check_finite(input, "input")
         tgt = prepare_target(
             input, target, to_onehot_y=self.to_onehot_y, ignore_index=self.ignore_index, weight_map=weight_map
         )

@@ -23,7 +23,6 @@ from torch import nn
 from segloss.losses.compound import CompoundLoss
 from segloss.losses.inputs import (
     activate,
-    check_finite,
     check_reduction,
     prepare_target,
     reduce_loss,
@@ -240,7 +239,6 @@ class TopologyLoss(nn.Module):
         """
         if input.ndim not in (4, 5):
             raise ValueError(f"`input` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(input.shape)}.")
-        check_finite(input, "input")
         tgt = prepare_target(input, target, to_onehot_y=self.to_onehot_y, ignore_index=self.ignore_index)
         pred = activate(input, self.sigmoid, self.softmax, self.other_act)
         B, C = pred.shape[:2]

@@ -119,3 +119,48 @@ def test_activate_and_reduction():
     assert reduce_loss(f, "none", spatial_ndim=3).shape == (2, 3, 1, 1, 1)
     with pytest.raises(ValueError, match="reduction"):
         reduce_loss(f, "avg")
+
+
+def test_prepared_target_is_reused_and_checked_against_the_input():
+    x = torch.randn(2, 3, 5, 4)
+    lab = torch.randint(0, 3, (2, 1, 5, 4))
+    tgt = prepare_target(x, lab, ignore_index=2)
+    assert prepare_target(x, tgt) is tgt
+    for other in (torch.randn(2, 4, 5, 4), torch.randn(2, 3, 5, 5), torch.randn(3, 3, 5, 4)):
+        with pytest.raises(ValueError, match="prepared `target`"):
+            prepare_target(other, tgt)
+    with pytest.raises(ValueError, match="weight_map"):
+        prepare_target(x, tgt, weight_map=torch.ones(2, 1, 5, 4))
+
+
+def test_one_channel_mask_without_channel_axis_is_dense():
+    x = torch.randn(2, 1, 5, 4)
+    mask = (torch.rand(2, 5, 4) > 0.5).float()
+    tgt = prepare_target(x, mask)
+    assert not tgt.is_labels and torch.equal(tgt.dense, mask.reshape(2, 1, -1))
+
+
+@pytest.mark.parametrize(
+    "loss_kwargs, target_kind",
+    [
+        (("ce", dict(softmax=True)), "onehot"),  # dense target: the non-fused CE path
+        (("ce", dict(softmax=True, label_smoothing=0.1)), "labels"),
+        (("ce", dict(sigmoid=True, sigmoid_ce=True)), "onehot"),
+        (("focal", dict(softmax=True)), "labels"),
+        (("focal", dict(sigmoid=True)), "onehot"),
+    ],
+)
+def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, target_kind):
+    from segloss import DiceCELoss, DiceFocalLoss
+    from segloss.losses import inputs
+
+    calls = []
+    real = inputs.check_finite
+    monkeypatch.setattr(inputs, "check_finite", lambda x, name: (calls.append(name), real(x, name)))
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    lab = torch.randint(0, 3, (2, 1, 6, 5))
+    target = lab if target_kind == "labels" else F.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
+    name, kwargs = loss_kwargs
+    loss = (DiceCELoss if name == "ce" else DiceFocalLoss)(**kwargs)
+    loss(x, target).backward()
+    assert calls == ["input"]  # the input (and the target) went through the checks once for both terms
