@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from segloss.losses.inputs import (
     Target,
@@ -90,6 +91,13 @@ def weighted_cross_entropy(
         else:
             if w is not None and w.shape[1] > 1:
                 w = w.amin(1, keepdim=True)  # element-wise sentinel ignore: drop a voxel with any ignored channel
+            if tgt.labels is not None and eps == 0 and reduction != "none":
+                v = w  # the voxel weight times the class weight of its label, (B, 1, N) or None
+                if cw is not None:
+                    c_i = cw[tgt.labels].unsqueeze(1)
+                    v = c_i if v is None else v * c_i
+                total = _LabelCrossEntropy.apply(x, tgt.labels, v)
+                return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
             y = tgt.labels if tgt.labels is not None else tgt.dense
             if w is None and cw is None and reduction != "none":
                 return F.cross_entropy(x, y, reduction=reduction, label_smoothing=eps)  # torch's fused kernel
@@ -108,6 +116,31 @@ def weighted_cross_entropy(
         if reduction == "sum":
             return loss.sum()
         return safe_ratio(loss.sum(), den)
+
+
+class _LabelCrossEntropy(torch.autograd.Function):
+    """``sum_v v_v (-log softmax(x_v)_{t_v})`` for logits ``x`` ``(B, C, N)``, a label map ``t`` ``(B, N)`` and voxel
+    weights ``v`` ``(B, 1, N)`` (or None), keeping no ``(B, C, N)`` tensor for the backward.
+
+    torch's cross-entropy saves the log-softmax and its backward allocates two more ``(B, C, N)`` tensors; here the
+    log-softmax is freed after the gather and the backward recomputes the softmax from ``x`` (which autograd holds
+    anyway) into the one tensor it returns: ``dL/dx_c = g v (p_c - [c == t])``. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, labels, v):
+        nll = torch.log_softmax(x, 1).gather(1, labels.unsqueeze(1)).neg_()
+        ctx.save_for_backward(x, labels, v)
+        return (nll if v is None else nll.mul_(v)).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, labels, v = ctx.saved_tensors
+        grad = torch.softmax(x, 1)
+        k = g.expand(labels.shape[0], 1, labels.shape[1]) if v is None else v * g
+        grad.mul_(k).scatter_add_(1, labels.unsqueeze(1), -k)
+        return grad, None, None
 
 
 def _sigmoid_ce(
@@ -148,8 +181,9 @@ class WeightedCrossEntropyLoss(nn.Module):
 
     ``c_i`` is ``class_weight[y_i]`` for a label ``y_i`` and ``sum_c class_weight_c g_ic`` for a dense target
     ``g`` (1 without class weights). For labels this is ``F.cross_entropy``'s own ``"mean"`` (with
-    ``ignore_index`` and ``weight``), and it is computed by ``F.cross_entropy`` directly when there are no
-    weights. For probability targets with ``class_weight`` it deliberately differs from torch, which divides by
+    ``ignore_index`` and ``weight``). For a label map (without label smoothing) the sum is one fused autograd
+    Function that keeps no ``(B, C, *)`` tensor for the backward (torch's keeps the log-softmax and allocates two
+    more in its backward), so its peak memory is about a third of ``F.cross_entropy``'s. For probability targets with ``class_weight`` it deliberately differs from torch, which divides by
     the number of voxels: here a one-hot target gives the same value as the equivalent label map. ``"none"``
     has torch's shape ``(B, *spatial)`` (no channel axis).
 

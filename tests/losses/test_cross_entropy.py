@@ -81,10 +81,17 @@ def test_softmax_labels_equal_torch(spatial, cw, ignore_index, eps, reduction):
         torch.testing.assert_close(torch.autograd.grad(out.sum(), x2)[0], g_ref)
 
 
-def test_no_weights_is_torch_exactly():
-    x = torch.randn(2, 5, 8, 9)
+def test_no_weights_is_torch():
+    x = torch.randn(2, 5, 8, 9, requires_grad=True)
     lab = torch.randint(0, 5, (2, 1, 8, 9))
-    assert torch.equal(WeightedCrossEntropyLoss()(x, lab), F.cross_entropy(x, lab[:, 0]))
+    for reduction in ("mean", "sum"):
+        ours = WeightedCrossEntropyLoss(reduction=reduction)(x, lab)  # label map: segloss's fused sum
+        (g_ours,) = torch.autograd.grad(ours, x)
+        ref = F.cross_entropy(x, lab[:, 0], reduction=reduction)
+        (g_ref,) = torch.autograd.grad(ref, x)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-7)
+    x = x.detach()
     probs = torch.rand(2, 5, 8, 9).softmax(1)
     assert torch.equal(
         WeightedCrossEntropyLoss(label_smoothing=0.2)(x, probs), F.cross_entropy(x, probs, label_smoothing=0.2)
@@ -317,3 +324,24 @@ def test_gradients_are_finite(scale, sigmoid, eps, seed):
     out = loss(x, lab, weight_map=torch.rand(2, 1, 5, 5, generator=gen))
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"class_weight": [1.0, 2.0, 0.5, 1.0, 3.0], "ignore_index": 255}])
+def test_label_map_keeps_no_full_size_tensor_for_the_backward(kwargs):
+    """The fused label-map path: the forward's log-softmax is freed, the backward allocates only the gradient.
+    torch's cross-entropy allocates two in its backward, so the check can fail."""
+    from test_dice import _BigFloatAllocations
+
+    B, C, spatial = 2, 5, (8, 9, 10)
+    x = torch.randn(B, C, *spatial, requires_grad=True)
+    lab = torch.randint(0, C, (B, 1, *spatial))
+    lab[0, 0, 0] = 255 if kwargs else 0
+    numel = B * C * 720
+    for fn, allowed in (
+        (lambda: WeightedCrossEntropyLoss(**kwargs)(x, lab), 1),
+        (lambda: F.cross_entropy(x, lab[:, 0].clamp(max=C - 1)), 2),
+    ):
+        value = fn()
+        with _BigFloatAllocations(numel) as mode:
+            value.backward()
+        assert len(mode.storages - {x.untyped_storage().data_ptr()}) == allowed

@@ -386,7 +386,8 @@ def test_gradients_are_finite(scale, seed, name, batch, empty):
 
 
 class _BigFloatAllocations(TorchDispatchMode):
-    """Records the distinct storages of float op outputs holding at least ``numel`` elements."""
+    """Records the distinct storages of float op outputs holding at least ``numel`` elements that are new: outputs
+    sharing storage with an input (views, detach, in-place ops) allocate nothing and are skipped."""
 
     def __init__(self, numel):
         super().__init__()
@@ -394,9 +395,11 @@ class _BigFloatAllocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= self.numel:
-                self.storages.add(t.untyped_storage().data_ptr())
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.storages.add(t.untyped_storage().data_ptr())
         return out
 
 
