@@ -345,3 +345,17 @@ def test_label_map_keeps_no_full_size_tensor_for_the_backward(kwargs):
         with _BigFloatAllocations(numel) as mode:
             value.backward()
         assert len(mode.storages - {x.untyped_storage().data_ptr()}) == allowed
+
+
+def test_fused_label_cross_entropy_gradcheck():
+    """The custom backward (weight folded into the exponent), with zero weights and a negative upstream gradient."""
+    from segloss.losses.cross_entropy import _LabelCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 30, generator=g, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, 5, (2, 30), generator=g)
+    v = torch.rand(2, 1, 30, generator=g, dtype=torch.float64)
+    v[0, 0, :5] = 0
+    assert torch.autograd.gradcheck(lambda x: _LabelCrossEntropy.apply(x, lab, v), (x,))
+    assert torch.autograd.gradcheck(lambda x: -2 * _LabelCrossEntropy.apply(x, lab, None), (x,))
+    assert torch.autograd.gradcheck(lambda x: 0 * _LabelCrossEntropy.apply(x, lab, v), (x,))
