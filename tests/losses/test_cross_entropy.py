@@ -348,7 +348,7 @@ def test_label_map_keeps_no_full_size_tensor_for_the_backward(kwargs):
 
 
 def test_fused_label_cross_entropy_gradcheck():
-    """The custom backward (weight folded into the exponent), with zero weights and a negative upstream gradient."""
+    """The custom backward, with zero weights and negative or zero upstream gradients."""
     from segloss.losses.cross_entropy import _LabelCrossEntropy
 
     g = torch.Generator().manual_seed(0)
