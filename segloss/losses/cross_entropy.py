@@ -179,13 +179,14 @@ class WeightedCrossEntropyLoss(nn.Module):
 
         "mean":  sum_i v_i l_i / sum_i v_i c_i        "sum": sum_i v_i l_i        "none": v_i l_i, shape (B, *spatial)
 
-    ``c_i`` is ``class_weight[y_i]`` for a label ``y_i`` and ``sum_c class_weight_c g_ic`` for a dense target
-    ``g`` (1 without class weights). For labels this is ``F.cross_entropy``'s own ``"mean"`` (with
-    ``ignore_index`` and ``weight``). For a label map (without label smoothing) the sum is one fused autograd
-    Function that keeps no ``(B, C, *)`` tensor for the backward (torch's keeps the log-softmax and allocates two
-    more in its backward), so its peak memory is lower (0.35-0.61x ``F.cross_entropy``'s in the benchmarks). For probability targets with ``class_weight`` it deliberately differs from torch, which divides by
-    the number of voxels: here a one-hot target gives the same value as the equivalent label map. ``"none"``
-    has torch's shape ``(B, *spatial)`` (no channel axis).
+    ``c_i`` is ``class_weight[y_i]`` for a label ``y_i`` and ``sum_c class_weight_c g_ic`` for a dense target ``g`` (1
+    without class weights). For labels this is ``F.cross_entropy``'s own ``"mean"`` (with ``ignore_index`` and
+    ``weight``). For a label map (without label smoothing) the sum is one fused autograd Function that keeps no
+    ``(B, C, *)`` tensor for the backward (torch's keeps the log-softmax and allocates two more in its backward), so
+    its peak memory is lower (0.35-0.61x ``F.cross_entropy``'s in the benchmarks). For probability targets with
+    ``class_weight`` it deliberately differs from torch, which divides by the number of voxels: here a one-hot
+    target gives the same value as the equivalent label map. ``"none"`` has torch's shape ``(B, *spatial)`` (no
+    channel axis).
 
     **Sigmoid mode** (``sigmoid=True``, MONAI's name; binary or multi-label): per element
     ``l_ic = q_c y'_ic softplus(-x_ic) + (1 - y'_ic) softplus(x_ic)`` as

@@ -160,10 +160,11 @@ def prepare_target(
 ) -> Target:
     """Read ``target`` against ``input`` ``(B,C,*)``.
 
-    The target is a **label map** when ``to_onehot_y=True``, when it has no channel axis ``(B,*)``, or when
-    it has one channel while ``input`` has several; otherwise it must have ``input``'s shape and is
-    **dense**. For a one-channel ``input`` a ``(B,*)`` target is the binary mask ``(B,1,*)`` (dense). Label maps may be integer or float tensors holding whole numbers (MONAI loaders give float
-    labels); values must lie in ``[0, C)`` apart from ``ignore_index``.
+    The target is a **label map** when ``to_onehot_y=True``, when it has no channel axis ``(B,*)``, or when it has one
+    channel while ``input`` has several; otherwise it must have ``input``'s shape and is **dense**. For a
+    one-channel ``input`` a ``(B,*)`` target is the binary mask ``(B,1,*)`` (dense). Label maps may be integer or float
+    tensors holding whole numbers (MONAI loaders give float labels); values must lie in ``[0, C)`` apart from
+    ``ignore_index``.
 
     ``ignore_index`` on a label map masks the voxels with that label. On a dense target it follows
     MONAI: a class index in ``[0, C)`` masks the voxels where that channel is set; any other value masks

@@ -407,7 +407,8 @@ class LovaszSoftmaxLoss(nn.Module):
     The loss is then within ``tolerance`` (absolute) of the exact loss, for every class and so for every mean (see
     ``_binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
     (foreground first / background first). The bin edges depend on the data, so the values are read back to the
-    host once. Soft (non-binary) targets, and rows where the bins would outnumber the voxels, use the exact sort.
+    host once. Soft (non-binary) targets, and calls where the bins would outnumber a row's voxels, use the exact
+    sort.
 
     Args:
         include_background: if False, class 0 is not among the classes averaged (see above).
@@ -506,12 +507,8 @@ class LovaszHingeLoss(nn.Module):
 
     Computed in float32 with autocast off, any number of spatial dims.
 
-    ``tolerance`` (opt-in, default None = exact): instead of sorting, the errors of each row are counted into equal
-    bins of width <= ``tolerance`` (``ceil(max error / tolerance)`` bins), which costs a histogram instead of a sort.
-    The loss is then within ``tolerance`` (absolute) of the exact loss, for every class and so for every mean (see
-    ``_binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
-    (foreground first / background first). The bin edges depend on the data, so the values are read back to the
-    host once. Soft (non-binary) targets, and rows where the bins would outnumber the voxels, use the exact sort.
+    ``tolerance`` (opt-in, default None = exact): the binned approximation of :class:`LovaszSoftmaxLoss`, within
+    ``tolerance`` of the exact loss, no sort.
 
     Args:
         per_image: score each image separately, then average over images.
