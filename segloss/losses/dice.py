@@ -84,7 +84,8 @@ class _SoftmaxLabelStats(torch.autograd.Function):
 
     Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
     softmax gradient alive at once; here only ``p`` and the ``(B, N)`` probability at the label are saved. With
-    ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w`` and ``k_v = dL/dCE w_v cw_t``::
+    ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w``, the CE voxel weight ``v = w cw_t`` (class weight
+    of the label) and ``k_v = dL/dCE v_v``::
 
         H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
         dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
@@ -96,7 +97,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xin, tgt, squared_pred, batch, sync_batch, ce_weight, with_ce):
+    def forward(ctx, xin, tgt, squared_pred, batch, sync_batch, ce_voxel_weight, with_ce):
         x = xin.reshape(*xin.shape[:2], -1)
         ctx.in_shape = xin.shape
         labels, w = tgt.labels, tgt.weight  # (B, N), (B, 1, N) or None
@@ -104,15 +105,13 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         if with_ce:
             p = torch.log_softmax(x, 1)
             nll = -p.gather(1, labels.unsqueeze(1))  # (B, 1, N)
-            if ce_weight is not None:
-                nll = nll * ce_weight[labels].unsqueeze(1)
-            ce_sum = (nll if w is None else nll * w).sum()
+            ce_sum = (nll if ce_voxel_weight is None else nll * ce_voxel_weight).sum()
             p = p.exp_()  # one (B, C, N) buffer for log p, then p
         else:
             p = torch.softmax(x, 1)
         tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
         tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
-        ctx.save_for_backward(p, labels, w, ce_weight, pw_at_label)
+        ctx.save_for_backward(p, labels, w, ce_voxel_weight, pw_at_label)
         ctx.flags = (squared_pred, batch, sync_batch, with_ce)
         ctx.mark_non_differentiable(ts)
         return tp, ps, ts, ce_sum
@@ -120,7 +119,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
-        p, labels, w, ce_weight, pw_at_label = ctx.saved_tensors
+        p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
         squared_pred, batch, sync_batch, with_ce = ctx.flags
         if sync_batch:
             g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
@@ -142,11 +141,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         at_label = (pw_at_label * g_tp.gather(1, labels)).unsqueeze(1)  # w p_t b_t, (B, 1, N)
         coef = h_sum.add_(at_label)  # sum_k H_k
         if with_ce:  # without the CE term k is 0: skip its two passes
-            k = g_ce.expand(B, 1, labels.shape[1])
-            if ce_weight is not None:
-                k = k * ce_weight[labels].unsqueeze(1)
-            if w is not None:
-                k = k * w
+            k = g_ce.expand(B, 1, labels.shape[1]) if ce_voxel_weight is None else g_ce * ce_voxel_weight
             coef, at_label = coef - k, at_label - k
         if squared_pred:
             grad.addcmul_(p, coef, value=-1)
@@ -201,12 +196,14 @@ def class_stats(
         B, C = input.shape[:2]
         with torch.autocast(input.device.type, enabled=False):
             x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
-            cw = None if ce_weight is None else per_class_vector(ce_weight, C, "weight", x.device)
-            tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, cw, with_ce)
+            v = None  # the CE weight of each voxel, computed once for the sum, its "mean" and the backward
+            if with_ce:
+                v = tgt.weight
+                if ce_weight is not None:
+                    cw_t = per_class_vector(ce_weight, C, "weight", x.device)[tgt.labels].unsqueeze(1)
+                    v = cw_t if v is None else v * cw_t
+            tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
         if with_ce:
-            v = None if tgt.weight is None else tgt.weight[:, 0]
-            if cw is not None:
-                v = cw[tgt.labels] if v is None else v * cw[tgt.labels]
             ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
         else:
             ce_sum = None
