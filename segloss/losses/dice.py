@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from segloss.losses.inputs import (
     checked_buffer,
     class_sums,
     first_class,
+    input_checks_enabled,
     label_sums,
     per_class_vector,
     prepare_target,
@@ -190,7 +192,9 @@ def class_stats(
     returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
     """
     validate_act_args(sigmoid, softmax, other_act)
-    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
+    tgt = prepare_target(
+        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
+    )
     ce_sum = ce_den = None
     if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]
@@ -203,11 +207,15 @@ def class_stats(
                     cw_t = per_class_vector(ce_weight, C, "weight", x.device)[tgt.labels].unsqueeze(1)
                     v = cw_t if v is None else v * cw_t
             tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
+        if not tgt.input_checked:
+            _check_fused_sums(ps, ce_sum)
+            tgt.input_checked = True
         if with_ce:
             ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
         else:
             ce_sum = None
     else:
+        tgt.check_input(input)
         p = activate(input, sigmoid=sigmoid, softmax=softmax, other_act=other_act)
         if p.shape != input.shape:
             raise ValueError(f"`other_act` must keep the input's shape {tuple(input.shape)}, got {tuple(p.shape)}.")
@@ -221,6 +229,17 @@ def class_stats(
         if count is not None and count.shape[-1] > 1:
             count = count[..., start:]
     return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
+
+
+def _check_fused_sums(pred_sum: torch.Tensor, ce_sum: torch.Tensor) -> None:
+    """The input check of the fused path, on its results instead of one more pass over the input: a NaN or +Inf
+    logit makes its voxel's softmax NaN, so ``pred_sum`` NaN (the sums cannot overflow, each term is at most 1).
+    A -Inf logit is a probability of 0 and passes, unless a voxel has no finite logit (NaN) or, with the fused
+    cross-entropy, the label's own logit is -Inf (an infinite CE)."""
+    if input_checks_enabled() and not math.isfinite(float(pred_sum.sum()) + float(ce_sum)):
+        raise ValueError(
+            "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
+        )
 
 
 def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:
@@ -420,8 +439,11 @@ def dice_ce_loss(
     bce = C == 1 or (sigmoid_ce and sigmoid)
     ce_smoothing = label_smoothing if C > 1 else 0.0  # MONAI's BCE term of one channel has no smoothing
     check_ce_args(input, weight_map, label_smoothing=ce_smoothing, sigmoid=bce, pos_weight=weight if bce else None)
-    # one prepared target (checks, ignore mask, weight map) for both terms
-    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
+    # one prepared target (checks, ignore mask, weight map) for both terms; the Dice term checks the input (on its
+    # sums in the fused path), before the CE term reads it
+    tgt = prepare_target(
+        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
+    )
     s = class_stats(
         input,
         tgt,

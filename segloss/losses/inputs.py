@@ -20,8 +20,10 @@ serves 2D and 3D.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ __all__ = [
     "all_reduce_sum",
     "as_class_weight",
     "batch_sums",
+    "bincount",
     "check_finite",
     "check_sync_batch",
     "checked_buffer",
@@ -119,6 +122,8 @@ class Target:
             targets): 0 where ignored, the weight-map value elsewhere. ``None`` means all ones.
         num_classes: ``C``, the number of prediction channels.
         spatial_shape: the original spatial shape, for ``reduction="none"`` outputs.
+        input_checked: whether the input has been checked for NaN/Inf (see ``check_input`` of
+            :func:`prepare_target`).
     """
 
     labels: torch.Tensor | None
@@ -126,6 +131,13 @@ class Target:
     weight: torch.Tensor | None
     num_classes: int
     spatial_shape: torch.Size
+    input_checked: bool = True
+
+    def check_input(self, input: torch.Tensor) -> None:
+        """Check ``input`` for NaN/Inf unless that has been done for this target."""
+        if not self.input_checked:
+            check_finite(_plain(input), "input")
+            self.input_checked = True
 
     @property
     def is_labels(self) -> bool:
@@ -157,6 +169,7 @@ def prepare_target(
     to_onehot_y: bool = False,
     ignore_index: int | None = None,
     weight_map: torch.Tensor | None = None,
+    check_input: bool = True,
 ) -> Target:
     """Read ``target`` against ``input`` ``(B,C,*)``.
 
@@ -175,10 +188,14 @@ def prepare_target(
     voxel weight; it must be finite and non-negative.
 
     ``input`` is checked too: NaN/Inf in it raise here, so every loss validates its input and target in one place.
+    ``check_input=False`` leaves that to the caller, which must then either check results that are non-finite
+    exactly when the input is (the fused softmax path of the Dice family checks its per-class sums, which saves a
+    pass over the input) or call :meth:`Target.check_input`.
 
     A :class:`Target` (prepared by an earlier call for the same input, e.g. by a compound loss for each of its
-    terms) is returned as it is after a shape check: it already holds the ignore mask and the weight map, so
-    ``to_onehot_y`` and ``ignore_index`` do not apply and ``weight_map`` must be None.
+    terms) is returned as it is after a shape check (and the input check, if still due and ``check_input``): it
+    already holds the ignore mask and the weight map, so ``to_onehot_y`` and ``ignore_index`` do not apply and
+    ``weight_map`` must be None.
 
     Raises:
         ValueError: naming ``target``, ``input`` or ``weight_map`` for shape mismatches, non-integer or
@@ -200,6 +217,8 @@ def prepare_target(
                 f"The prepared `target` ({items} items, {target.num_classes} classes, spatial "
                 f"{tuple(target.spatial_shape)}) was made for another input than {tuple(input.shape)}."
             )
+        if check_input:
+            target.check_input(input)
         return target
     target = _plain(target)
     if C == 1 and target.ndim == input.ndim - 1:
@@ -288,8 +307,44 @@ def prepare_target(
             raise ValueError("`weight_map` must be finite and non-negative.")
         weight = wm if weight is None else weight * wm
 
-    check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
-    return Target(labels=labels, dense=dense, weight=weight, num_classes=C, spatial_shape=spatial)
+    if check_input:
+        check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
+    return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial, input_checked=check_input)
+
+
+# below this many elements the thread hand-off costs more than the second core saves
+_SPLIT_BINCOUNT_MIN = 1 << 19
+_helper: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _helper_thread() -> ThreadPoolExecutor:
+    # one per process: a pool inherited through fork has no thread behind it
+    global _helper
+    if _helper is None or _helper[0] != os.getpid():
+        _helper = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="segloss-bincount"))
+    return _helper[1]
+
+
+def bincount(bins: torch.Tensor, weights: torch.Tensor | None = None, minlength: int = 0) -> torch.Tensor:
+    """``torch.bincount`` of 1D ``bins``, in two halves on two threads for large CPU inputs.
+
+    torch's CPU bincount runs on one core whatever ``torch.get_num_threads()`` says, and a loss's label histogram
+    is one of its longest serial steps. The halves' counts are added, in bincount's output dtype.
+    On other devices, under ``torch.compile`` or with one intra-op thread this is ``torch.bincount``.
+    """
+    n = bins.numel()
+    if bins.device.type != "cpu" or n < _SPLIT_BINCOUNT_MIN or torch.get_num_threads() < 2:
+        return torch.bincount(bins, weights, minlength)
+    if torch.compiler.is_compiling():
+        return torch.bincount(bins, weights, minlength)
+    h = n // 2
+    first = _helper_thread().submit(torch.bincount, bins[:h], None if weights is None else weights[:h], minlength)
+    second = torch.bincount(bins[h:], None if weights is None else weights[h:], minlength)
+    first = first.result()
+    if first.numel() < second.numel():  # a bin above minlength in only one half
+        first, second = second, first
+    first[: second.numel()] += second
+    return first
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -389,7 +444,7 @@ def label_sums(
     bins = bins.view(-1)
 
     def bin_sum(values: torch.Tensor | None) -> torch.Tensor:
-        return torch.bincount(bins, values, minlength=B * C).view(B, C).float()
+        return bincount(bins, values, minlength=B * C).view(B, C).float()
 
     if torch.is_grad_enabled() and p_at_label.requires_grad:
         tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)

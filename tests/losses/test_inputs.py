@@ -152,15 +152,64 @@ def test_one_channel_mask_without_channel_axis_is_dense():
 )
 def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, target_kind):
     from segloss import DiceCELoss, DiceFocalLoss
-    from segloss.losses import inputs
+    from segloss.losses import dice, inputs
 
     calls = []
-    real = inputs.check_finite
+    real, real_sums = inputs.check_finite, dice._check_fused_sums
     monkeypatch.setattr(inputs, "check_finite", lambda x, name: (calls.append(name), real(x, name)))
+    monkeypatch.setattr(dice, "_check_fused_sums", lambda *a: (calls.append("fused sums"), real_sums(*a)))
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     lab = torch.randint(0, 3, (2, 1, 6, 5))
     target = lab if target_kind == "labels" else F.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
     name, kwargs = loss_kwargs
     loss = (DiceCELoss if name == "ce" else DiceFocalLoss)(**kwargs)
     loss(x, target).backward()
-    assert calls == ["input"]  # the input (and the target) went through the checks once for both terms
+    # the input went through one check for both terms: a pass over it, or the fused Dice path's check of its sums
+    fused = name == "ce" and kwargs.get("softmax") and target_kind == "labels"
+    assert calls == (["fused sums"] if fused else ["input"])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bincount_matches_torch_on_split_inputs(weighted):
+    """Above the split size the CPU bincount runs in two halves on two threads: same counts, also when a bin
+    beyond minlength occurs in one half only; negative bins still raise."""
+    from segloss.losses import inputs
+
+    n = inputs._SPLIT_BINCOUNT_MIN + 11
+    g = torch.Generator().manual_seed(0)
+    bins = torch.randint(0, 6, (n,), generator=g, dtype=torch.int32)
+    bins[-1] = 9  # only in the second half
+    w = torch.rand(n, generator=g, dtype=torch.float64) if weighted else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for b in (bins, bins.flip(0)):  # the lone high bin in either half
+            got = inputs.bincount(b, w, minlength=8)
+            want = torch.bincount(b, w, minlength=8)
+            assert got.dtype == want.dtype and got.shape == want.shape == (10,)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        with pytest.raises(RuntimeError):
+            inputs.bincount(bins - 1 - 2 * (torch.arange(n) == n - 5).int(), w, minlength=8)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bincount_helper_thread_belongs_to_this_process(monkeypatch):
+    """A helper recorded by another process (the parent of a fork, whose thread the fork did not copy) is
+    replaced, not waited on."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segloss.losses import inputs
+
+    parents = ThreadPoolExecutor(1)
+    parents.shutdown()  # submitting to it would raise; a fork's copy would hang instead
+    monkeypatch.setattr(inputs, "_helper", (os.getpid() + 1, parents))
+    bins = torch.zeros(inputs._SPLIT_BINCOUNT_MIN + 1, dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert int(inputs.bincount(bins)[0]) == bins.numel()
+    finally:
+        torch.set_num_threads(threads)
+    assert inputs._helper[0] == os.getpid() and inputs._helper[1] is not parents
