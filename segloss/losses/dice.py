@@ -236,7 +236,7 @@ def _check_fused_sums(pred_sum: torch.Tensor, ce_sum: torch.Tensor) -> None:
     logit makes its voxel's softmax NaN, so ``pred_sum`` NaN (the sums cannot overflow, each term is at most 1).
     A -Inf logit is a probability of 0 and passes, unless a voxel has no finite logit (NaN) or, with the fused
     cross-entropy, the label's own logit is -Inf (an infinite CE)."""
-    if input_checks_enabled() and not math.isfinite(float(pred_sum.sum()) + float(ce_sum)):
+    if input_checks_enabled() and not math.isfinite(float(pred_sum.detach().sum()) + float(ce_sum.detach())):
         raise ValueError(
             "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
         )

@@ -20,10 +20,8 @@ serves 2D and 3D.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +34,6 @@ __all__ = [
     "all_reduce_sum",
     "as_class_weight",
     "batch_sums",
-    "bincount",
     "check_finite",
     "check_sync_batch",
     "checked_buffer",
@@ -49,6 +46,7 @@ __all__ = [
     "reduce_loss",
     "safe_ratio",
     "set_input_checks",
+    "sum_by_label",
     "validate_act_args",
 ]
 
@@ -312,41 +310,6 @@ def prepare_target(
     return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial, input_checked=check_input)
 
 
-# below this many elements the thread hand-off costs more than the second core saves
-_SPLIT_BINCOUNT_MIN = 1 << 19
-_helper: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _helper_thread() -> ThreadPoolExecutor:
-    # one per process: a pool inherited through fork has no thread behind it
-    global _helper
-    if _helper is None or _helper[0] != os.getpid():
-        _helper = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="segloss-bincount"))
-    return _helper[1]
-
-
-def bincount(bins: torch.Tensor, weights: torch.Tensor | None = None, minlength: int = 0) -> torch.Tensor:
-    """``torch.bincount`` of 1D ``bins``, in two halves on two threads for large CPU inputs.
-
-    torch's CPU bincount runs on one core whatever ``torch.get_num_threads()`` says, and a loss's label histogram
-    is one of its longest serial steps. The halves' counts are added, in bincount's output dtype.
-    On other devices, under ``torch.compile`` or with one intra-op thread this is ``torch.bincount``.
-    """
-    n = bins.numel()
-    if bins.device.type != "cpu" or n < _SPLIT_BINCOUNT_MIN or torch.get_num_threads() < 2:
-        return torch.bincount(bins, weights, minlength)
-    if torch.compiler.is_compiling():
-        return torch.bincount(bins, weights, minlength)
-    h = n // 2
-    first = _helper_thread().submit(torch.bincount, bins[:h], None if weights is None else weights[:h], minlength)
-    second = torch.bincount(bins[h:], None if weights is None else weights[h:], minlength)
-    first = first.result()
-    if first.numel() < second.numel():  # a bin above minlength in only one half
-        first, second = second, first
-    first[: second.numel()] += second
-    return first
-
-
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over all ``torch.distributed`` ranks, differentiably.
 
@@ -379,8 +342,8 @@ def class_sums(
     ``fn = target_sum - tp``. With ``soft_label`` (dense targets, MONAI's option) ``tp`` is
     ``(|p|+|g|-|p-g|)/2`` in the L1 (or squared L2) norm, exact for soft labels.
 
-    For a label map ``g`` is never materialised: ``tp`` scatters ``p`` at each voxel's label into its class
-    and ``target_sum`` is a weighted bincount. Sums are float32 with autocast off; ``batch`` sums over the
+    For a label map ``g`` is never materialised: ``tp`` sums ``p`` at each voxel's label by class and
+    ``target_sum`` the voxel weights (:func:`sum_by_label`). Sums are float32 with autocast off; ``batch`` sums over the
     batch, and ``sync_batch`` (with ``batch``) all-reduces the sums across ranks (:func:`all_reduce_sum`).
 
     Args:
@@ -435,23 +398,34 @@ def label_sums(
     p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
     if w is not None:
         p_at_label = p_at_label * w
-    # one flat bincount over (item, class) bins is faster than scatter_add_ on the CPU, but bincount has no
-    # gradient for its weights: tp keeps scatter_add_ when autograd needs it. int32 bins halve the label traffic
-    # of bincount's range passes.
-    bins = labels.to(torch.int32, copy=True)
-    if B > 1:
-        bins += C * torch.arange(B, device=labels.device, dtype=torch.int32).unsqueeze(1)
-    bins = bins.view(-1)
-
-    def bin_sum(values: torch.Tensor | None) -> torch.Tensor:
-        return bincount(bins, values, minlength=B * C).view(B, C).float()
-
-    if torch.is_grad_enabled() and p_at_label.requires_grad:
-        tp = p.new_zeros(B, C).scatter_add_(1, labels, p_at_label)
-    else:
-        tp = bin_sum(p_at_label.reshape(-1))
-    target_sum = bin_sum(None if w is None else w.reshape(-1))
+    tp = sum_by_label(labels, p_at_label, C)
+    target_sum = sum_by_label(labels, w, C)
     return tp, pred_sum, target_sum, p_at_label
+
+
+# voxels per row of sum_by_label's scatter: rows are what the CPU kernel parallelises over
+_ROW = 1 << 14
+
+
+def sum_by_label(labels: torch.Tensor, values: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """Sum of ``values`` (``(B, N)`` float; None counts voxels) over the voxels of each label: ``(B, num_classes)``.
+
+    A ``scatter_add_`` into one row of ``num_classes`` sums per block of ``2^14`` voxels, then a sum over the
+    blocks. torch's CPU scatter runs the rows in parallel (a row per item would leave cores idle; ``bincount`` is
+    serial and first makes two range passes); on the GPU the many rows spread the atomic adds. No ``(B, N)``
+    offset-bin copy of the labels is made, and ``values`` keep their gradient.
+    """
+    B, N = labels.shape
+    src = values if values is not None else torch.ones((), device=labels.device).expand(B, N)
+    blocks = N // _ROW
+    if blocks < 2:
+        return src.new_zeros(B, num_classes).scatter_add_(1, labels, src)
+    head = blocks * _ROW
+    sums = src.new_zeros(B, blocks, num_classes)
+    sums = sums.scatter_add_(2, labels[:, :head].view(B, blocks, _ROW), src[:, :head].view(B, blocks, _ROW)).sum(1)
+    if head < N:
+        sums = sums.scatter_add_(1, labels[:, head:], src[:, head:])
+    return sums
 
 
 def batch_sums(

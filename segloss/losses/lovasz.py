@@ -39,7 +39,6 @@ from segloss.losses.inputs import (
     Weight,
     _plain,
     activate,
-    bincount,
     check_reduction,
     checked_buffer,
     first_class,
@@ -188,7 +187,7 @@ def _binned_increments(
     row = torch.arange(R, device=errors.device).unsqueeze(1) * (2 * K)
     key = key.mul_(2).add_(row).add_(gt)  # flat index of (row, bin, foreground)
     w = None if valid is None else valid.reshape(-1).to(errors.dtype)
-    counts = bincount(key.view(-1), w, minlength=R * K * 2).view(R, K, 2).double()
+    counts = torch.bincount(key.view(-1), w, minlength=R * K * 2).view(R, K, 2).double()
     n_bg, n_fg = counts.unbind(-1)
     total = n_fg.sum(-1, keepdim=True)
     inter0 = total - (n_fg.cumsum(-1) - n_fg)  # I0: foreground not yet in the predicted-wrong set

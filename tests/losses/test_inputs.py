@@ -169,47 +169,20 @@ def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, targe
     assert calls == (["fused sums"] if fused else ["input"])
 
 
+@pytest.mark.parametrize("n", [5, 8, 11, 12])  # with 4-voxel blocks: one row per item; blocks; blocks + a tail
 @pytest.mark.parametrize("weighted", [False, True])
-def test_bincount_matches_torch_on_split_inputs(weighted):
-    """Above the split size the CPU bincount runs in two halves on two threads: same counts, also when a bin
-    beyond minlength occurs in one half only; negative bins still raise."""
+def test_sum_by_label_matches_bincount_with_gradient(monkeypatch, n, weighted):
     from segloss.losses import inputs
 
-    n = inputs._SPLIT_BINCOUNT_MIN + 11
-    g = torch.Generator().manual_seed(0)
-    bins = torch.randint(0, 6, (n,), generator=g, dtype=torch.int32)
-    bins[-1] = 9  # only in the second half
-    w = torch.rand(n, generator=g, dtype=torch.float64) if weighted else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for b in (bins, bins.flip(0)):  # the lone high bin in either half
-            got = inputs.bincount(b, w, minlength=8)
-            want = torch.bincount(b, w, minlength=8)
-            assert got.dtype == want.dtype and got.shape == want.shape == (10,)
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-        with pytest.raises(RuntimeError):
-            inputs.bincount(bins - 1 - 2 * (torch.arange(n) == n - 5).int(), w, minlength=8)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_bincount_helper_thread_belongs_to_this_process(monkeypatch):
-    """A helper recorded by another process (the parent of a fork, whose thread the fork did not copy) is
-    replaced, not waited on."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from segloss.losses import inputs
-
-    parents = ThreadPoolExecutor(1)
-    parents.shutdown()  # submitting to it would raise; a fork's copy would hang instead
-    monkeypatch.setattr(inputs, "_helper", (os.getpid() + 1, parents))
-    bins = torch.zeros(inputs._SPLIT_BINCOUNT_MIN + 1, dtype=torch.int32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert int(inputs.bincount(bins)[0]) == bins.numel()
-    finally:
-        torch.set_num_threads(threads)
-    assert inputs._helper[0] == os.getpid() and inputs._helper[1] is not parents
+    monkeypatch.setattr(inputs, "_ROW", 4)
+    g = torch.Generator().manual_seed(n)
+    labels = torch.randint(0, 3, (2, n), generator=g)
+    values = torch.rand(2, n, generator=g, dtype=torch.float64, requires_grad=True) if weighted else None
+    got = inputs.sum_by_label(labels, values, 3)
+    for b in range(2):
+        want = torch.bincount(labels[b], None if values is None else values[b].detach(), minlength=3)
+        torch.testing.assert_close(got[b], want.to(got.dtype))
+    if weighted:
+        assert torch.autograd.gradcheck(lambda v: inputs.sum_by_label(labels, v, 3), (values,))
+    else:
+        assert got.dtype == torch.float32
