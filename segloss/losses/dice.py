@@ -16,7 +16,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -38,7 +37,6 @@ from segloss.losses.inputs import (
     checked_buffer,
     class_sums,
     first_class,
-    input_checks_enabled,
     label_sums,
     per_class_vector,
     prepare_target,
@@ -207,9 +205,7 @@ def class_stats(
                     cw_t = per_class_vector(ce_weight, C, "weight", x.device)[tgt.labels].unsqueeze(1)
                     v = cw_t if v is None else v * cw_t
             tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
-        if not tgt.input_checked:
-            _check_fused_sums(ps, ce_sum)
-            tgt.input_checked = True
+        tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
         if with_ce:
             ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
         else:
@@ -229,17 +225,6 @@ def class_stats(
         if count is not None and count.shape[-1] > 1:
             count = count[..., start:]
     return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
-
-
-def _check_fused_sums(pred_sum: torch.Tensor, ce_sum: torch.Tensor) -> None:
-    """The input check of the fused path, on its results instead of one more pass over the input: a NaN or +Inf
-    logit makes its voxel's softmax NaN, so ``pred_sum`` NaN (the sums cannot overflow, each term is at most 1).
-    A -Inf logit is a probability of 0 and passes, unless a voxel has no finite logit (NaN) or, with the fused
-    cross-entropy, the label's own logit is -Inf (an infinite CE)."""
-    if input_checks_enabled() and not math.isfinite(float(pred_sum.detach().sum()) + float(ce_sum.detach())):
-        raise ValueError(
-            "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
-        )
 
 
 def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:

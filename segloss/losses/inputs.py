@@ -20,6 +20,7 @@ serves 2D and 3D.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,21 @@ class Target:
         if not self.input_checked:
             check_finite(_plain(input), "input")
             self.input_checked = True
+
+    def check_input_through(self, *results: torch.Tensor) -> None:
+        """The same check, done on results of a softmax of the input instead of one more pass over it.
+
+        A NaN or +Inf logit makes its voxel's softmax NaN, so every sum over that voxel NaN. A -Inf logit is a
+        probability of 0 and passes, unless a result diverges through it: a voxel without a finite logit, or -Inf
+        at the label under a log (cross-entropy, focal).
+        """
+        if self.input_checked:
+            return
+        if input_checks_enabled() and not math.isfinite(sum(float(r.detach().sum()) for r in results)):
+            raise ValueError(
+                "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
+            )
+        self.input_checked = True
 
     @property
     def is_labels(self) -> bool:

@@ -152,12 +152,18 @@ def test_one_channel_mask_without_channel_axis_is_dense():
 )
 def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, target_kind):
     from segloss import DiceCELoss, DiceFocalLoss
-    from segloss.losses import dice, inputs
+    from segloss.losses import inputs
 
     calls = []
-    real, real_sums = inputs.check_finite, dice._check_fused_sums
+    real, real_through = inputs.check_finite, inputs.Target.check_input_through
+
+    def through(tgt, *results):
+        if not tgt.input_checked:
+            calls.append("fused sums")
+        real_through(tgt, *results)
+
     monkeypatch.setattr(inputs, "check_finite", lambda x, name: (calls.append(name), real(x, name)))
-    monkeypatch.setattr(dice, "_check_fused_sums", lambda *a: (calls.append("fused sums"), real_sums(*a)))
+    monkeypatch.setattr(inputs.Target, "check_input_through", through)
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     lab = torch.randint(0, 3, (2, 1, 6, 5))
     target = lab if target_kind == "labels" else F.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
