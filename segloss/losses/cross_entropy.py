@@ -72,8 +72,13 @@ def weighted_cross_entropy(
     reduction = check_reduction(reduction)
     check_ce_args(input, weight_map, label_smoothing=label_smoothing, sigmoid=sigmoid, pos_weight=pos_weight)
     B, C = input.shape[:2]
-    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
+    tgt = prepare_target(
+        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
+    )
     eps = float(label_smoothing)
+    fused = not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
+    if not fused:  # the fused path checks its sum instead
+        tgt.check_input(input)
     with torch.autocast(input.device.type, enabled=False):
         x = _plain(input).float().reshape(B, C, -1)
         N = x.shape[-1]
@@ -91,12 +96,13 @@ def weighted_cross_entropy(
         else:
             if w is not None and w.shape[1] > 1:
                 w = w.amin(1, keepdim=True)  # element-wise sentinel ignore: drop a voxel with any ignored channel
-            if tgt.labels is not None and eps == 0 and reduction != "none":
+            if fused:
                 v = w  # the voxel weight times the class weight of its label, (B, 1, N) or None
                 if cw is not None:
                     c_i = cw[tgt.labels].unsqueeze(1)
                     v = c_i if v is None else v * c_i
                 total = _LabelCrossEntropy.apply(x, tgt.labels, v)
+                tgt.check_input_through(total)  # NaN/Inf in the input make the sum NaN/Inf: no pass over the input
                 return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
             y = tgt.labels if tgt.labels is not None else tgt.dense
             if w is None and cw is None and reduction != "none":

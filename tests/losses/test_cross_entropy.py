@@ -273,6 +273,37 @@ def test_bad_input_names_the_argument(kwargs, input, target, fwd, match):
         WeightedCrossEntropyLoss(**kwargs)(input, target, **fwd)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"class_weight": [1.0, 2.0, 0.5], "ignore_index": 1}])
+def test_fused_label_path_checks_its_sum_not_the_input(monkeypatch, kwargs):
+    """On a label map the fused CE finds NaN/Inf in its sum instead of a pass over the input: NaN and +Inf raise
+    (also at an ignored voxel), -Inf off the label is a probability of 0, -Inf at the label raises."""
+    from segloss.losses import inputs
+
+    passes = []
+    monkeypatch.setattr(inputs, "check_finite", lambda x, arg: passes.append(arg))
+    loss = WeightedCrossEntropyLoss(**kwargs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    lab = torch.randint(0, 2, (2, 1, 4, 4), generator=g)  # class 2 is never the label
+    lab[0, 0, 0, 0] = 0  # a voxel that is never ignored
+    masked, very_negative = x.clone(), x.clone()
+    masked[:, 2] = float("-inf")
+    very_negative[:, 2] = -1e4
+    value = loss(masked.requires_grad_(), lab)
+    value.backward()
+    assert not passes
+    torch.testing.assert_close(value, loss(very_negative, lab), rtol=0, atol=0)
+    assert torch.isfinite(masked.grad).all()
+    for bad in (float("nan"), float("inf")):
+        for voxel in ((0, 0, 0, 0), tuple((lab == 1).nonzero()[0].tolist())):  # label 1 is ignored in one case
+            with pytest.raises(ValueError, match="input"):
+                loss(x.index_put(tuple(torch.tensor(i) for i in voxel), torch.tensor(bad)), lab)
+    at_label = x.clone()
+    at_label[0, 0, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="input"):
+        loss(at_label, lab)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
