@@ -202,9 +202,9 @@ def prepare_target(
     voxel weight; it must be finite and non-negative.
 
     ``input`` is checked too: NaN/Inf in it raise here, so every loss validates its input and target in one place.
-    ``check_input=False`` leaves that to the caller, which must then either check results that are non-finite
-    exactly when the input is (the fused softmax path of the Dice family checks its per-class sums, which saves a
-    pass over the input) or call :meth:`Target.check_input`.
+    ``check_input=False`` leaves that to the caller, which must then either check results of a softmax of the input
+    (:meth:`Target.check_input_through`: the fused label-map paths check their sums or loss, which saves a pass over
+    the input) or call :meth:`Target.check_input`.
 
     A :class:`Target` (prepared by an earlier call for the same input, e.g. by a compound loss for each of its
     terms) is returned as it is after a shape check (and the input check, if still due and ``check_input``): it
@@ -359,8 +359,8 @@ def class_sums(
     ``(|p|+|g|-|p-g|)/2`` in the L1 (or squared L2) norm, exact for soft labels.
 
     For a label map ``g`` is never materialised: ``tp`` sums ``p`` at each voxel's label by class and
-    ``target_sum`` the voxel weights (:func:`sum_by_label`). Sums are float32 with autocast off; ``batch`` sums over the
-    batch, and ``sync_batch`` (with ``batch``) all-reduces the sums across ranks (:func:`all_reduce_sum`).
+    ``target_sum`` the voxel weights (:func:`sum_by_label`). Sums are float32 with autocast off; ``batch`` sums over
+    the batch, and ``sync_batch`` (with ``batch``) all-reduces the sums across ranks (:func:`all_reduce_sum`).
 
     Args:
         pred: ``(B, C, *)`` probabilities (already activated).
