@@ -48,9 +48,8 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
         df/dx_c = p_t f'(p_t) ([c == t] - p_c),   p f'(p) = (1 - p)^gamma (gamma p log(p) / (1 - p) - 1)
 
     where ``log(p) / (1 - p) -> -1`` as ``p -> 1`` (so ``gamma < 1`` stays finite), and ``1 - p_t`` is
-    ``-expm1(log p_t)``, accurate near ``p_t = 1``. The per-voxel factors of the forward are saved (each ``(B, N)``,
-    ``1/C`` of the log-probabilities), and ``p`` comes back as ``softmax(log p)``, which is faster than ``exp``
-    on the CPU (torch's elementwise ``exp`` is the precise one). Not twice differentiable.
+    ``-expm1(log p_t)``, accurate near ``p_t = 1``. The forward's per-voxel factors ``1 - p_t`` and its power are
+    saved for the backward (each ``(B, N)``, ``1/C`` of the log-probabilities). Not twice differentiable.
     """
 
     @staticmethod
@@ -70,7 +69,7 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
         gamma = ctx.gamma
         log_ratio = torch.where(q > 0, logp_t / q, -1.0)
         coef = grad * q_gamma * (gamma * (1 - q) * log_ratio - 1)  # grad * p_t f'(p_t)
-        grad_logits = torch.softmax(logp, 1).mul_(-coef.unsqueeze(1))
+        grad_logits = logp.exp().mul_(-coef.unsqueeze(1))
         grad_logits.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
         return grad_logits, None, None
 
@@ -191,7 +190,7 @@ def _softmax_focal(
     own_softmax = start and not over_all  # MONAI: softmax over the foreground channels only
     if tgt.labels is not None:
         t = tgt.labels
-        idx = (t - start).clamp_min(0)  # channel among the n used ones; background voxels are zeroed below
+        idx = (t - start).clamp_min(0) if start else t  # channel among the n used; background voxels are zeroed below
         if own_softmax:  # channel 0 stays out of the loss: its logits are checked on their own
             tgt.check_input(x)
         loss = _SoftmaxFocalAtLabel.apply(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
