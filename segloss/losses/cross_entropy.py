@@ -24,7 +24,7 @@ from segloss.losses.inputs import (
     safe_ratio,
 )
 
-__all__ = ["WeightedCrossEntropyLoss", "check_ce_args", "weighted_cross_entropy"]
+__all__ = ["WeightedCrossEntropyLoss", "check_ce_args", "label_voxel_weight", "weighted_cross_entropy"]
 
 
 def check_ce_args(
@@ -97,10 +97,7 @@ def weighted_cross_entropy(
             if w is not None and w.shape[1] > 1:
                 w = w.amin(1, keepdim=True)  # element-wise sentinel ignore: drop a voxel with any ignored channel
             if fused:
-                v = w  # the voxel weight times the class weight of its label, (B, 1, N) or None
-                if cw is not None:
-                    c_i = cw[tgt.labels].unsqueeze(1)
-                    v = c_i if v is None else v * c_i
+                v = label_voxel_weight(tgt, cw)
                 total = _LabelCrossEntropy.apply(x, tgt.labels, v)
                 tgt.check_input_through(total)  # NaN/Inf in the input make the sum NaN/Inf: no pass over the input
                 return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
@@ -122,6 +119,15 @@ def weighted_cross_entropy(
         if reduction == "sum":
             return loss.sum()
         return safe_ratio(loss.sum(), den)
+
+
+def label_voxel_weight(tgt: Target, class_weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The weight of each voxel's cross-entropy term for a label-map ``tgt``: its voxel weight (ignore mask times
+    weight map) times the class weight of its label, ``(B, 1, N)``, or None when both are all ones."""
+    if class_weight is None:
+        return tgt.weight
+    cw_t = class_weight[tgt.labels].unsqueeze(1)
+    return cw_t if tgt.weight is None else tgt.weight * cw_t
 
 
 class _LabelCrossEntropy(torch.autograd.Function):

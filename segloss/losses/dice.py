@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import check_ce_args, weighted_cross_entropy
+from segloss.losses.cross_entropy import check_ce_args, label_voxel_weight, weighted_cross_entropy
 from segloss.losses.focal import focal_loss
 from segloss.losses.inputs import (
     Target,
@@ -200,10 +200,7 @@ def class_stats(
             x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
             v = None  # the CE weight of each voxel, computed once for the sum, its "mean" and the backward
             if with_ce:
-                v = tgt.weight
-                if ce_weight is not None:
-                    cw_t = per_class_vector(ce_weight, C, "weight", x.device)[tgt.labels].unsqueeze(1)
-                    v = cw_t if v is None else v * cw_t
+                v = label_voxel_weight(tgt, per_class_vector(ce_weight, C, "weight", x.device))
             tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
         tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
         if with_ce:
