@@ -147,7 +147,8 @@ class Target:
         """
         if self.input_checked:
             return
-        if input_checks_enabled() and not math.isfinite(sum(float(r.detach().sum()) for r in results)):
+        # one read-back (a device sync on the GPU) for all results
+        if input_checks_enabled() and not math.isfinite(float(sum(r.detach().sum() for r in results))):
             raise ValueError(
                 "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
             )
