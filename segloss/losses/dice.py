@@ -80,20 +80,27 @@ class ClassStats(NamedTuple):
 
 class _SoftmaxLabelStats(torch.autograd.Function):
     """Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
-    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
+    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor (on
+    the CPU).
 
     Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
-    softmax gradient alive at once; here only ``p`` and the ``(B, N)`` probability at the label are saved. With
-    ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w``, the CE voxel weight ``v = w cw_t`` (class weight
-    of the label) and ``k_v = dL/dCE v_v``::
+    softmax gradient alive at once; here only ``p`` (and, for the second form below, the ``(B, N)`` probability at
+    the label) is saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``) and voxel weight ``w``, the gradient with
+    respect to ``p_c`` is ``G_c = w (a_c + [c == t] b_t)``: column ``t`` of the ``(C, C)`` table ``a 1^T + diag(b)``
+    of its item. The backward gathers it into the output buffer and runs torch's softmax backward
+    ``p_c (G_c - sum_k p_k G_k)`` there in place (one fused pass on the CPU, which reads each element before
+    writing it; the CUDA kernel reads a temporary ``G p`` instead), then multiplies by ``w``.
+
+    With ``squared_pred`` or the fused cross-entropy, with the CE voxel weight ``v = w cw_t`` (class weight of the
+    label) and ``k_v = dL/dCE v_v``, it uses the closed form::
 
         H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
         dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
 
-    ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item. ``batch`` / ``sync_batch`` reduce the sums
-    as :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over
-    the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would.
-    Not twice differentiable.
+    where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item (the CE term has no table form: it
+    would divide by ``p_t``). ``batch`` / ``sync_batch`` reduce the sums as
+    :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over the
+    batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. Not twice differentiable.
     """
 
     @staticmethod
@@ -111,8 +118,9 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             p = torch.softmax(x, 1)
         tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
         tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
-        ctx.save_for_backward(p, labels, w, ce_voxel_weight, pw_at_label)
-        ctx.flags = (squared_pred, batch, sync_batch, with_ce)
+        via_table = not (squared_pred or with_ce)
+        ctx.save_for_backward(p, labels, w, ce_voxel_weight, None if via_table else pw_at_label)
+        ctx.flags = (via_table, squared_pred, batch, sync_batch, with_ce)
         ctx.mark_non_differentiable(ts)
         return tp, ps, ts, ce_sum
 
@@ -120,7 +128,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
         p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
-        squared_pred, batch, sync_batch, with_ce = ctx.flags
+        via_table, squared_pred, batch, sync_batch, with_ce = ctx.flags
         if sync_batch:
             g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
         B = p.shape[0]
@@ -128,6 +136,13 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
         grad_in = p.new_empty(ctx.in_shape)
         grad = grad_in.view(p.shape)
+        if via_table:
+            table = g_ps.unsqueeze(-1) + torch.diag_embed(g_tp)  # (B, C, C): column k = dL/dp of a voxel of label k
+            torch.gather(table, 2, labels.unsqueeze(1).expand(p.shape), out=grad)
+            torch.ops.aten._softmax_backward_data.out(grad, p, 1, p.dtype, grad_input=grad)
+            if w is not None:
+                grad.mul_(w)
+            return grad_in, None, None, None, None, None, None
         a = g_ps.unsqueeze(-1)  # (B, C, 1)
         if squared_pred:
             torch.mul(p, a, out=grad).mul_(p).mul_(2)  # H without the label term

@@ -475,24 +475,33 @@ def test_memory_check_catches_a_one_hot():
 
 @pytest.mark.parametrize("squared_pred", [False, True])
 @pytest.mark.parametrize("batch", [False, True])
-def test_fused_softmax_label_path_matches_autograd_path(squared_pred, batch):
-    """softmax=True with a label map takes the closed-form backward; other_act=softmax the autograd one."""
+@pytest.mark.parametrize("loss_cls", [segloss.DiceLoss, segloss.DiceCELoss])
+def test_fused_softmax_label_path_matches_autograd_path(squared_pred, batch, loss_cls):
+    """softmax=True with a label map takes the fused backward (the table form for Dice alone, the closed form
+    with squared_pred or the CE term); other_act=softmax the autograd one."""
     x, lab, _, _ = make_data("labels", (5, 6, 3), C=4)
     lab[0, :, 0] = 255
     wm = torch.rand(2, 1, 5, 6, 3) + 0.5
     kw = dict(squared_pred=squared_pred, batch=batch, weight=[0.5, 1.0, 2.0, 3.0], ignore_index=255)
-    fused = segloss.DiceCELoss(softmax=True, **kw)
-    plain = segloss.DiceCELoss(other_act=lambda t: t.softmax(1), **kw)
+    fused = loss_cls(softmax=True, **kw)
+    plain = loss_cls(other_act=lambda t: t.softmax(1), **kw)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     a, b = fused(x1, lab, wm), plain(x2, lab, wm)
     torch.testing.assert_close(a, b, **TOL)
     torch.testing.assert_close(torch.autograd.grad(a, x1)[0], torch.autograd.grad(b, x2)[0], **TOL)
 
 
-def test_fused_backward_gradcheck():
+@pytest.mark.parametrize(
+    "loss",
+    [
+        segloss.DiceCELoss(softmax=True, squared_pred=True, weight=[1.0, 2.0, 0.5], lambda_ce=0.7),  # closed form
+        segloss.GeneralizedDiceLoss(softmax=True),  # table form
+    ],
+    ids=["closed_form", "table_form"],
+)
+def test_fused_backward_gradcheck(loss):
     # the sums are float32 by design (class_sums), so gradcheck runs with float32-sized tolerances
     lab = torch.randint(0, 3, (2, 1, 4, 3))
     wm = torch.rand(2, 1, 4, 3) + 0.5
-    loss = segloss.DiceCELoss(softmax=True, squared_pred=True, weight=[1.0, 2.0, 0.5], lambda_ce=0.7)
     x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: loss(t, lab, wm).double(), (x,), eps=1e-3, atol=2e-3, rtol=1e-2)
