@@ -139,6 +139,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         if via_table:
             table = g_ps.unsqueeze(-1) + torch.diag_embed(g_tp)  # (B, C, C): column k = dL/dp of a voxel of label k
             torch.gather(table, 2, labels.unsqueeze(1).expand(p.shape), out=grad)
+            # in place: the kernels read each element of G (CPU) or of their own G p (CUDA) before writing it
             torch.ops.aten._softmax_backward_data.out(grad, p, 1, p.dtype, grad_input=grad)
             if w is not None:
                 grad.mul_(w)
