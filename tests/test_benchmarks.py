@@ -40,3 +40,41 @@ def entries():
 def test_every_benchmark_entry_runs(losses_benchmark, name, impl):
     result = losses_benchmark.worker(name, impl, "tiny", repeats=1, threads=1, device="cpu")
     assert result["ms"] > 0 and result["peak_mb"] == result["peak_mb"]
+
+
+@pytest.fixture(scope="module")
+def loss_study():
+    spec = importlib.util.spec_from_file_location("loss_study", BENCHMARKS / "loss_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_study_trains_reports_and_resumes(loss_study, tmp_path, capsys):
+    from segloss.data.synthetic import write_membrane_2d
+
+    data = write_membrane_2d(tmp_path / "isbi", num=30, size=64)
+    results, doc = tmp_path / "results" / "loss_study_tiny", tmp_path / "loss_study.md"
+    losses = ["ce", "border_ce_dice", "dice_ce_skeleton_recall"]
+    for name in losses:
+        row = loss_study.train_one(name, 0, "tiny", data, results)
+        assert row["steps"] == loss_study.BUDGETS["tiny"]["steps"] and 0 <= row["dice"] <= 1 and row["betti"] >= 0
+    assert loss_study.pending(results, losses, [0, 1]) == [(name, 1) for name in losses]
+    finished = {p: p.stat().st_mtime_ns for p in (results / "rows").glob("*.json")}
+
+    args = ["--budget", "tiny", "--data", str(data), "--results", str(results), "--losses", *losses, "--seeds", "0"]
+    loss_study.main([*args, "--doc", str(doc), "--figures", str(tmp_path / "figures")])
+    assert "started" not in capsys.readouterr().out  # every run was finished: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in (results / "rows").glob("*.json")} == finished
+
+    rows = (results.parent / "loss_study_tiny.csv").read_text().splitlines()
+    assert rows[0].startswith("loss,seed,dice,cldice,betti0,betti1,betti,") and len(rows) == 1 + len(losses)
+    text = doc.read_text()
+    assert "<!-- table:tiny -->" in text and all(f"| {name} | 1 |" in text for name in losses)
+    for kind in ("metrics", "curves", "overlays"):
+        assert (tmp_path / "figures" / f"loss_study_tiny_{kind}.png").stat().st_size > 0
+
+
+def test_loss_study_timing_is_relative_to_ce(loss_study):
+    timing = loss_study.time_steps("tiny", ["ce", "dice_ce"], repeats=1, steps=1)
+    assert set(timing) == {"ce", "dice_ce"} and all(t > 0 for t in timing.values())
