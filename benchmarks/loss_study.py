@@ -47,8 +47,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "isbi2012_em"
 RESULTS = REPO / "benchmarks" / "results"
 DOC = REPO / "docs" / "loss_study.md"
 FIGURES = REPO / "docs" / "figures"
-TRAIN_SECTIONS, VAL_SECTIONS = range(0, 24), range(24, 30)
-OVERLAY_SECTION = 27
+# fold -> (training sections, validation sections, the section of the overlay figure). Fold 0 is the bundle's split;
+# fold 1 validates on sections the fold-0 models trained on, a second look at whether a ranking holds.
+FOLDS = {0: (range(0, 24), range(24, 30), 27), 1: (range(6, 30), range(0, 6), 2)}
 
 BUDGETS = {
     # steps, patch edge, patches per step, Adam learning rate (cosine to 0), evaluations on the way, seeds
@@ -315,7 +316,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path) -> dict:
+def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path, fold: int = 0) -> dict:
     """Train one (loss, seed), write its JSON and the overlay section's prediction; return the row."""
     from segloss.losses import TermWeightSchedule
     from segloss.transforms.array import balanced_class_weights
@@ -323,9 +324,10 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path)
     cfg = BUDGETS[budget]
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, labels = load_sections(data, TRAIN_SECTIONS)
+    train_sections, val_sections, overlay = FOLDS[fold]
+    images, labels = load_sections(data, train_sections)
     weight, skeleton = training_maps(labels, results / "cache")
-    val_images, val_labels = load_sections(data, VAL_SECTIONS)
+    val_images, val_labels = load_sections(data, val_sections)
     ctx = {"class_weight": balanced_class_weights(np.bincount(labels.ravel(), minlength=2)).tolist()}
     build, keys, schedule = LOSSES[loss_name]
 
@@ -370,6 +372,7 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path)
     row = {
         "loss": loss_name,
         "seed": seed,
+        "fold": fold,
         **metrics,
         "step_s": statistics.median(step_s),
         "peak_mb": _peak_mb(device) - base_mb,
@@ -383,9 +386,9 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path)
     }
     from skimage.io import imsave
 
-    pred_png = results / "predictions" / f"{loss_name}_s{seed}_section{OVERLAY_SECTION}.png"
+    pred_png = results / "predictions" / f"{loss_name}_s{seed}_section{overlay}.png"
     pred_png.parent.mkdir(parents=True, exist_ok=True)
-    imsave(pred_png, (preds[list(VAL_SECTIONS).index(OVERLAY_SECTION)] * 255).astype(np.uint8), check_contrast=False)
+    imsave(pred_png, (preds[list(val_sections).index(overlay)] * 255).astype(np.uint8), check_contrast=False)
     _write_atomic(results / "rows" / f"{loss_name}_s{seed}.json", json.dumps(row, indent=1))
     return row
 
@@ -457,7 +460,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["loss", "seed", *METRICS, "steps", "diverged", "device"])
         for r in rows:
-            writer.writerow([r["loss"], r["seed"], *(f"{r[m]:.6g}" for m in METRICS), r["steps"], r["diverged"], r["device"]])
+            writer.writerow(
+                [r["loss"], r["seed"], *(f"{r[m]:.6g}" for m in METRICS), r["steps"], r["diverged"], r["device"]]
+            )
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -489,7 +494,9 @@ def summary_table(rows: list[dict], timing: dict[str, float] | None) -> str:
         else:
             vs_ce = f"{100 * statistics.mean(paired):+.0f} % ({', '.join(f'{100 * p:+.0f}' for p in paired)})"
         cost = f"{timing[name] / timing['ce']:.2f}x" if timing and name in timing and "ce" in timing else "—"
-        qual = " / ".join(f"{statistics.mean([r[m] for r in rs]):.3f}" for m in ("completeness", "correctness", "quality"))
+        qual = " / ".join(
+            f"{statistics.mean([r[m] for r in rs]):.3f}" for m in ("completeness", "correctness", "quality")
+        )
         diverged = " (diverged)" if any(r["diverged"] for r in rs) else ""
         lines.append(
             f"| {name}{diverged} | {len(rs)} | {cell['dice']} | {cell['cldice']} | {cell['betti0']} | {cell['betti1']} "
@@ -509,7 +516,7 @@ def write_doc_table(budget: str, table: str, command: str, doc: Path = DOC) -> N
     _write_atomic(doc, head + block + rest.split(end, 1)[1])
 
 
-def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path) -> list[Path]:
+def plot(rows: list[dict], data: Path, fold: int, results: Path, figures: Path) -> list[Path]:
     """Metric bars with seed spread, validation curves, and one overlay per loss of the same section (seed 0)."""
     import matplotlib
 
@@ -518,6 +525,7 @@ def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path
     from skimage.io import imread
 
     figures.mkdir(parents=True, exist_ok=True)
+    val_sections, overlay = FOLDS[fold][1:]
     names = [n for n in ORDER if any(r["loss"] == n for r in rows)]
     out = []
 
@@ -531,7 +539,7 @@ def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path
         ax.set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
     fig.tight_layout()
-    out.append(figures / f"loss_study_{budget}_metrics.png")
+    out.append(figures / f"{results.name}_metrics.png")
     fig.savefig(out[-1], dpi=90)
     plt.close(fig)
 
@@ -544,17 +552,18 @@ def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path
         steps = [c["step"] for c in curves[0][:n]]
         for ax, metric in zip(axes, ["betti", "dice"]):
             ax.plot(steps, np.mean([[c[i][metric] for i in range(n)] for c in curves], axis=0), label=name, marker=".")
-    axes[0].set_ylabel("Betti error (b0 + b1), sections 24-29, mean over seeds")
-    axes[1].set_ylabel("Dice, sections 24-29, mean over seeds")
+    where = f"sections {val_sections[0]:02d}-{val_sections[-1]:02d}"
+    axes[0].set_ylabel(f"Betti error (b0 + b1), {where}, mean over seeds")
+    axes[1].set_ylabel(f"Dice, {where}, mean over seeds")
     for ax in axes:
         ax.set_xlabel("training step")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out.append(figures / f"loss_study_{budget}_curves.png")
+    out.append(figures / f"{results.name}_curves.png")
     fig.savefig(out[-1], dpi=90)
     plt.close(fig)
 
-    label = imread(data / "labels" / f"{OVERLAY_SECTION:02d}.png") == 0
+    label = imread(data / "labels" / f"{overlay:02d}.png") == 0
     h, w = label.shape
     crop = (slice(h // 4, 3 * h // 4), slice(w // 4, 3 * w // 4))  # the central quarter, big enough to see breaks
     cols = 4
@@ -562,7 +571,7 @@ def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, name in zip(np.ravel(axes), names):
-        png = results / "predictions" / f"{name}_s0_section{OVERLAY_SECTION}.png"
+        png = results / "predictions" / f"{name}_s0_section{overlay}.png"
         if not png.is_file():
             continue
         pred = imread(png) > 0
@@ -573,16 +582,16 @@ def plot(rows: list[dict], data: Path, budget: str, results: Path, figures: Path
         ax.imshow(rgb[crop])
         r = next(r for r in rows if r["loss"] == name and r["seed"] == 0)
         ax.set_title(f"{name}\nBetti err {r['betti']:.0f}, Dice {r['dice']:.3f}", fontsize=9)
-    fig.suptitle(f"section {OVERLAY_SECTION}, seed 0: black found, red missed (breaks), blue false membrane")
+    fig.suptitle(f"section {overlay}, seed 0: black found, red missed (breaks), blue false membrane")
     fig.tight_layout()
-    out.append(figures / f"loss_study_{budget}_overlays.png")
+    out.append(figures / f"{results.name}_overlays.png")
     fig.savefig(out[-1], dpi=80)
     plt.close(fig)
     return out
 
 
-def RESULTS_DIR(budget: str) -> Path:
-    return RESULTS / f"loss_study_{budget}"
+def results_dir(budget: str, fold: int) -> Path:
+    return RESULTS / (f"loss_study_{budget}" + (f"_fold{fold}" if fold else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -600,17 +609,30 @@ def run_all(todo, args, results: Path) -> None:
     while todo or running:
         while todo and len(running) < args.workers:
             name, seed = todo.pop(0)
-            cmd = [sys.executable, __file__, "--budget", args.budget, "--data", str(args.data), "--results", str(results)]
-            cmd += ["--run", name, str(seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--budget",
+                args.budget,
+                "--data",
+                str(args.data),
+                "--results",
+                str(results),
+            ]
+            cmd += ["--fold", str(args.fold), "--run", name, str(seed)]
             log = open(results / "logs" / f"{name}_s{seed}.log", "w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name, seed, time.time()))
+            running.append(
+                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name, seed, time.time())
+            )
             print(f"started {name} seed {seed}", flush=True)
         time.sleep(2)
         for item in list(running):
             proc, name, seed, t0 = item
             if proc.poll() is not None:
                 running.remove(item)
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see logs/{name}_s{seed}.log)"
+                status = (
+                    "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see logs/{name}_s{seed}.log)"
+                )
                 print(f"{status}: {name} seed {seed} in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -618,7 +640,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results/loss_study_BUDGET)")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="results folder (default benchmarks/results/loss_study_BUDGET)"
+    )
+    parser.add_argument("--fold", type=int, choices=sorted(FOLDS), default=0, help="0: validate on 24-29 (default)")
     parser.add_argument("--losses", nargs="+", default=None, choices=sorted(LOSSES))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--workers", type=int, default=1)
@@ -628,33 +653,39 @@ def main(argv=None) -> None:
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--figures", type=Path, default=FIGURES)
     args = parser.parse_args(argv)
-    results = args.results or RESULTS_DIR(args.budget)
+    results = args.results or results_dir(args.budget, args.fold)
     losses = args.losses or ORDER
     if args.run:
-        train_one(args.run[0], int(args.run[1]), args.budget, args.data, results)
+        train_one(args.run[0], int(args.run[1]), args.budget, args.data, results, args.fold)
         return
     if not (args.data / "images").is_dir():
         raise SystemExit(f"no ISBI 2012 data at {args.data} (images/, labels/); pass --data.")
     (results / "logs").mkdir(parents=True, exist_ok=True)
     if args.timing:
         timing = time_steps(args.budget, losses)
-        _write_atomic(results / "timing.json", json.dumps({**timing, "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}, indent=1))
+        _write_atomic(
+            results / "timing.json",
+            json.dumps(
+                {**timing, "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}, indent=1
+            ),
+        )
         for name, s in timing.items():
             print(f"{name:32s} {1000 * s:8.1f} ms  {s / timing.get('ce', s):.2f}x CE")
         return
     if not args.report:
-        load_sections(args.data, [*TRAIN_SECTIONS, *VAL_SECTIONS])  # fail now, not in every worker
-        training_maps(load_sections(args.data, TRAIN_SECTIONS)[1], results / "cache")  # once, before the workers
+        load_sections(args.data, range(30))  # fail now, not in every worker
+        training_maps(load_sections(args.data, FOLDS[args.fold][0])[1], results / "cache")  # once, before the workers
         run_all(pending(results, losses, args.seeds or BUDGETS[args.budget]["seeds"]), args, results)
     rows = read_runs(results)
     if not rows:
         raise SystemExit(f"no finished runs in {results / 'rows'}")
-    write_csv(rows, results.parent / f"loss_study_{args.budget}.csv")
+    write_csv(rows, results.parent / f"{results.name}.csv")
     timing_file = results / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
     table = summary_table(rows, timing)
-    write_doc_table(args.budget, table, f"python benchmarks/loss_study.py --budget {args.budget}", args.doc)
-    figures = plot(rows, args.data, args.budget, results, args.figures)
+    command = f"python benchmarks/loss_study.py --budget {args.budget}" + (f" --fold {args.fold}" if args.fold else "")
+    write_doc_table(results.name.removeprefix("loss_study_"), table, command, args.doc)
+    figures = plot(rows, args.data, args.fold, results, args.figures)
     print(table)
     print("figures:", *map(str, figures))
 
