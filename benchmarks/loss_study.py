@@ -382,6 +382,9 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path,
         "diverged": diverged,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
         "curve": curve,
     }
     from skimage.io import imsave

@@ -14,6 +14,7 @@ filters respond to lines, junctions and gaps at several scales. The full objecti
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -28,11 +29,32 @@ from segloss.losses.inputs import (
     reduce_loss,
     validate_act_args,
 )
-from segloss.networks.vgg import VGG19Features
+from segloss.networks.mask_features import MaskFeatures
+from segloss.networks.vgg import VGG19Features, WeightsNotFoundError, load_vgg19_state_dict
 
 __all__ = ["TopologyAwareLoss", "TopologyLoss", "feature_distance", "topology_loss"]
 
 DEFAULT_LAYERS = ("conv1_2", "conv2_2", "conv3_4")
+
+logger = logging.getLogger(__name__)
+
+
+def _default_extractor(weights, layers: Sequence[str] | None) -> nn.Module:
+    """VGG-19 for ``weights`` (``"auto"``: ImageNet VGG-19 if on this machine, nothing downloaded, else the
+    :class:`~segloss.networks.MaskFeatures` shipped with segloss)."""
+    if not (isinstance(weights, str) and weights == "auto"):
+        return VGG19Features(DEFAULT_LAYERS if layers is None else layers, weights=weights)
+    try:
+        state = load_vgg19_state_dict("imagenet", download=False)
+    except WeightsNotFoundError:
+        ignored = f"; `layers` {list(layers)} apply to VGG-19 only and are ignored" if layers is not None else ""
+        logger.info(
+            "topology term: weights='auto' uses segloss MaskFeatures (mask-domain prior shipped with segloss; "
+            f"no ImageNet VGG-19 on this machine){ignored}."
+        )
+        return MaskFeatures(2)
+    logger.info("topology term: weights='auto' uses the ImageNet VGG-19 found on this machine.")
+    return VGG19Features(DEFAULT_LAYERS if layers is None else layers, weights=state)
 
 
 def _feature_list(out: object) -> list[torch.Tensor]:
@@ -153,9 +175,12 @@ class TopologyLoss(nn.Module):
             and gradients there are 0. (Its border can still cost a little through the receptive field.)
         layers: VGG-19 layers (see :class:`segloss.networks.VGG19Features`), default conv1_2, conv2_2, conv3_4.
         layer_weights: one weight per feature map, in the extractor's output order (default all 1).
-        weights: VGG-19 weights: ``"imagenet"`` (searched for at construction; raises
+        weights: ``"auto"`` (default): the ImageNet VGG-19 if it is on this machine (``$SEGLOSS_VGG19_WEIGHTS`` or
+            torch hub's cache; nothing is downloaded), else :class:`segloss.networks.MaskFeatures`, the mask-domain
+            topology prior shipped with segloss (one log line says which). Or VGG-19 weights: ``"imagenet"``
+            (searched for at construction, downloaded when online; raises
             :class:`segloss.networks.WeightsNotFoundError` listing the options when absent), a path, a state
-            dict, or None (seeded random init, for tests).
+            dict, or None (seeded random VGG-19, for tests).
         feature_extractor: any frozen ``nn.Module`` mapping ``(N, 1, H, W)`` to a list/dict of features, used
             instead of VGG-19 (``layers`` and ``weights`` then do not apply). It is put in eval mode with
             ``requires_grad=False`` and kept in eval mode by :meth:`train`.
@@ -180,7 +205,7 @@ class TopologyLoss(nn.Module):
         ignore_index: int | None = None,
         layers: Sequence[str] | None = None,
         layer_weights: Sequence[float] | None = None,
-        weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = "imagenet",
+        weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = "auto",
         feature_extractor: nn.Module | None = None,
         num_slices: int | None = 8,
         generator: torch.Generator | int | None = None,
@@ -194,8 +219,12 @@ class TopologyLoss(nn.Module):
         ):
             raise ValueError(f"`num_slices` must be None or a positive int, got {num_slices!r}.")
         if feature_extractor is None:
-            feature_extractor = VGG19Features(DEFAULT_LAYERS if layers is None else layers, weights=weights)
-            num_maps = len(feature_extractor.layers)
+            feature_extractor = _default_extractor(weights, layers)
+            num_maps = (
+                len(feature_extractor.layers)
+                if isinstance(feature_extractor, VGG19Features)
+                else feature_extractor.num_maps
+            )
         elif layers is not None:
             raise ValueError("`layers` selects VGG-19 layers; with a custom `feature_extractor` leave it None.")
         else:

@@ -202,11 +202,31 @@ def test_ignore_index_masks_prediction_and_target():
     torch.testing.assert_close(loss(changed, label), value)
 
 
-def test_default_construction_without_weights_raises_clearly(offline):
+def test_imagenet_construction_without_weights_raises_clearly(offline):
     with pytest.raises(WeightsNotFoundError, match="SEGLOSS_VGG19_WEIGHTS"):
-        TopologyLoss(sigmoid=True)
+        TopologyLoss(sigmoid=True, weights="imagenet")
     with pytest.raises(WeightsNotFoundError):
-        TopologyAwareLoss(nn.BCEWithLogitsLoss())
+        TopologyAwareLoss(nn.BCEWithLogitsLoss(), topology_loss={"weights": "imagenet"})
+
+
+def test_auto_weights_offline_use_mask_features_and_say_so(offline, caplog):
+    with caplog.at_level("INFO", logger="segloss.losses.topology"):
+        loss = TopologyLoss(sigmoid=True)
+    assert isinstance(loss.feature_extractor, segloss.networks.MaskFeatures)
+    assert [r.getMessage() for r in caplog.records if "MaskFeatures" in r.getMessage()]
+    assert isinstance(
+        TopologyAwareLoss(nn.BCEWithLogitsLoss()).losses["topology"].feature_extractor, segloss.networks.MaskFeatures
+    )
+
+
+def test_auto_weights_use_imagenet_vgg_when_on_disk(offline, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "vgg_truncated.pth"
+    torch.save(vgg.VGG19Features(weights=None).features.state_dict(prefix="features."), path)
+    monkeypatch.setenv(vgg.WEIGHTS_ENV, str(path))
+    with caplog.at_level("INFO", logger="segloss.losses.topology"):
+        loss = TopologyLoss(sigmoid=True)
+    assert isinstance(loss.feature_extractor, vgg.VGG19Features)
+    assert any("ImageNet VGG-19" in r.getMessage() for r in caplog.records)
 
 
 def test_bad_arguments():

@@ -1,0 +1,293 @@
+"""Train :class:`segloss.networks.MaskFeatures`, the mask-domain topology prior shipped with segloss.
+
+Data: label masks only. 2D: ISBI 2012 label sections 00-23 (membrane = label value 0 in the PNGs; sections 24-29
+are never read) and ``segloss.data.synthetic.membrane_2d`` sections, random 128^2 crops with flips and 90 degree
+turns. 3D: ``segloss.data.synthetic.vessels_3d`` vessel trees, random 48^3 crops.
+
+Each step corrupts every label ``g`` in the batch (:func:`corruptions`):
+
+- topological errors: cuts across the structure (a ball on the skeleton, radius = local half-width + 1-4 px),
+  false bridges (a segment across a cell / between two vessels, joining the structure at both ends) and
+  spurious fragments (a free segment);
+- harmless errors with exactly the pixel count of the cuts (resp. bridges): border thinning (where the structure
+  keeps a core) and thickening, in contiguous patches.
+
+Objective (``L = L_rank + L_grad``), with ``d(x) = sum_n mean((f_n(x) - f_n(g))^2)`` the term of
+:class:`segloss.losses.TopologyLoss`:
+
+- ``L_rank``: ``softplus(log 30 - log((d(topo)/n_topo) / (d(harmless)/n_harmless)))`` for (cut, bridge) x
+  (thinning, thickening) pairs on hard masks: a topological error must cost 30x more per flipped pixel;
+- ``L_grad``: on a *soft* imperfect prediction ``p`` (harmless noise, cuts and bridges, partial probabilities in
+  the gaps, blurred, rescaled to [lo, hi]), ``1 - cos(-dd/dp, D)`` with ``D = +1`` on the cut pixels and ``-1``
+  on the bridge / fragment pixels, 0 elsewhere: the term's gradient must push probability into the gaps and out of
+  the bridges, and nowhere else. This is what makes it useful as a training term; the ranking alone is not enough.
+
+Adam (lr 2e-3, cosine decay), batch 8, fixed seed, ``torch.set_num_threads(1)``. At the end the output maps are
+scaled so that ``d`` of the soft predictions is 1 on average, and the state dict is saved with its SHA-256 printed.
+
+    python benchmarks/train_mask_features.py --dims 2 --out segloss/networks/mask_features_2d.pt
+    python benchmarks/train_mask_features.py --dims 2 --steps 5 --out /tmp/mf.pt     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from skimage.morphology import skeletonize
+
+from segloss.data.synthetic import VESSEL, membrane_2d, vessels_3d
+from segloss.losses.topology import feature_distance
+from segloss.networks import MaskFeatures
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ISBI = Path(os.environ.get("SEGLOSS_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")) / "isbi2012_em"
+TRAIN_SECTIONS = tuple(range(24))  # 24-29 are held out for evaluation
+MARGIN = 30.0
+ALIGN_WEIGHT = 2.0
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def isbi_membranes(root: Path, sections=TRAIN_SECTIONS) -> np.ndarray:
+    """``(S, H, W)`` bool membrane masks (label value 0) of the given ISBI 2012 sections."""
+    return np.stack([np.array(Image.open(Path(root) / "labels" / f"{s:02d}.png")) == 0 for s in sections])
+
+
+def random_crop(rng: np.random.Generator, masks: np.ndarray, size: int) -> np.ndarray:
+    """A random crop of a random mask, randomly flipped along each axis and (2D) transposed."""
+    m = masks[rng.integers(len(masks))]
+    start = [rng.integers(0, s - size + 1) for s in m.shape]
+    crop = m[tuple(slice(a, a + size) for a in start)]
+    for axis in range(crop.ndim):
+        if rng.random() < 0.5:
+            crop = np.flip(crop, axis)
+    if rng.random() < 0.5:
+        crop = crop.swapaxes(0, 1)
+    return np.ascontiguousarray(crop)
+
+
+# ---------------------------------------------------------------------------------------------------- corruptions
+
+
+def _balls(shape, centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Union of balls (any dimension)."""
+    out = np.zeros(shape, bool)
+    for c, r in zip(centres, radii):
+        lo = np.maximum(np.floor(c - r), 0).astype(int)
+        hi = np.minimum(np.ceil(c + r) + 1, shape).astype(int)
+        if np.any(hi <= lo):  # a ball wholly outside the array
+            continue
+        grid = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+        inside = sum((x - ci) ** 2 for x, ci in zip(grid, c)) <= r * r
+        out[tuple(slice(a, b) for a, b in zip(lo, hi))] |= inside
+    return out
+
+
+def _interior(shape, margin: int) -> np.ndarray:
+    keep = np.zeros(shape, bool)
+    keep[tuple(slice(margin, s - margin) for s in shape)] = True
+    return keep
+
+
+def cuts(rng: np.random.Generator, g: np.ndarray, num: int, extra=(1.0, 4.0), margin: int = 6) -> np.ndarray:
+    """Pixels of ``g`` removed by ``num`` cuts: balls on the skeleton, radius = half-width + U(extra)."""
+    skel = skeletonize(g) & _interior(g.shape, margin)
+    pts = np.argwhere(skel)
+    if len(pts) == 0:
+        return np.zeros_like(g)
+    pts = pts[rng.choice(len(pts), min(num, len(pts)), replace=False)]
+    half = ndimage.distance_transform_edt(g)[tuple(pts.T)]
+    return _balls(g.shape, pts.astype(float), half + rng.uniform(*extra, len(pts))) & g
+
+
+def harmless(rng: np.random.Generator, g: np.ndarray, count: int, kind: str) -> np.ndarray:
+    """``count`` pixels to flip that keep the topology, in contiguous patches: ``"thin"`` removes border pixels
+    next to a core of ``g`` (so the structure stays connected), ``"thick"`` adds pixels just outside ``g``."""
+    full = ndimage.generate_binary_structure(g.ndim, g.ndim)
+    if kind == "thin":
+        core = ndimage.binary_erosion(g, full)
+        cand = g & ~core & ndimage.binary_dilation(core, full)
+    elif kind == "thick":
+        cand = ndimage.binary_dilation(g, full) & ~g
+    else:
+        raise ValueError(f"`kind` must be 'thin' or 'thick', got {kind!r}.")
+    pts = np.argwhere(cand & _interior(g.shape, 2))
+    out = np.zeros_like(g)
+    if count <= 0 or len(pts) == 0:
+        return out
+    centres = pts[rng.choice(len(pts), max(1, len(pts) // 150), replace=False)]
+    dist, _ = cKDTree(centres).query(pts)
+    chosen = pts[np.argsort(dist + rng.uniform(0, 0.5, len(pts)), kind="stable")[:count]]
+    out[tuple(chosen.T)] = True
+    return out
+
+
+def bridges(rng: np.random.Generator, g: np.ndarray, num: int, max_len: float = 40.0) -> np.ndarray:
+    """Pixels outside ``g`` of ``num`` false structures: a segment through free space joining ``g`` at both ends
+    (a false bridge, a new cycle) when one fits within ``max_len``, else a free fragment (a new component)."""
+    out = np.zeros_like(g)
+    free = ndimage.distance_transform_edt(~g)
+    seeds = np.argwhere((free >= 3) & _interior(g.shape, 4))
+    if len(seeds) == 0:
+        return out
+    t = np.arange(0.0, max_len, 0.5)
+    shape = np.array(g.shape)
+    for q in seeds[rng.choice(len(seeds), min(num, len(seeds)), replace=False)].astype(float):
+        direction = rng.standard_normal(g.ndim)
+        direction /= np.linalg.norm(direction)
+        ends = []
+        for sign in (1.0, -1.0):
+            ray = q + sign * t[:, None] * direction
+            inside = np.all((ray >= 0) & (ray <= shape - 1), 1)
+            hit = np.flatnonzero(~inside | g[tuple(np.rint(np.clip(ray, 0, shape - 1)).astype(int).T)])
+            ends.append(t[hit[0]] if len(hit) and inside[hit[0]] else None)
+        radius = rng.uniform(0.8, 1.6)
+        if ends[0] is not None and ends[1] is not None and ends[0] + ends[1] <= max_len:
+            a, b = q + ends[0] * direction, q - ends[1] * direction
+        else:  # a fragment that stays clear of g
+            half = min(rng.uniform(3.0, 8.0), free[tuple(q.astype(int))] - radius - 1.5)
+            a, b = q + half * direction, q - half * direction
+        n = int(np.linalg.norm(b - a) * 2) + 2
+        line = a + np.linspace(0, 1, n)[:, None] * (b - a)
+        out |= _balls(g.shape, line, np.full(n, radius))
+    return out & ~g
+
+
+def corruptions(rng: np.random.Generator, g: np.ndarray, num_cuts: int, num_bridges: int) -> dict[str, np.ndarray]:
+    """Hard corrupted masks of ``g`` (float32) and the soft prediction with its desired push direction ``D``."""
+    cut = cuts(rng, g, num_cuts)
+    bridge = bridges(rng, g, num_bridges)
+    n_cut, n_bridge = max(int(cut.sum()), 1), max(int(bridge.sum()), 1)
+    out = {
+        "label": g,
+        "cut": g & ~cut,
+        "bridge": g | bridge,
+        "cut_thin": g & ~harmless(rng, g, n_cut, "thin"),
+        "cut_thick": g | harmless(rng, g, n_cut, "thick"),
+        "bridge_thin": g & ~harmless(rng, g, n_bridge, "thin"),
+        "bridge_thick": g | harmless(rng, g, n_bridge, "thick"),
+    }
+    out = {k: v.astype(np.float32) for k, v in out.items()}
+    out["n_cut"], out["n_bridge"] = np.float32(n_cut), np.float32(n_bridge)
+    # The soft imperfect prediction: random harmless noise, the cuts (partly filled) and the bridges (partly
+    # faded), blurred and rescaled to [lo, hi].
+    noisy = g & ~harmless(rng, g, int(rng.integers(0, 2 * n_cut)), "thin")
+    noisy |= harmless(rng, g, int(rng.integers(0, 2 * n_cut)), "thick")
+    x = noisy.astype(np.float32)
+    x[cut] = rng.uniform(0.0, 0.35)
+    x[bridge] = rng.uniform(0.7, 1.0)
+    x = ndimage.gaussian_filter(x, rng.uniform(0.5, 1.5))
+    lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.8, 1.0)
+    out["soft"] = np.clip(lo + (hi - lo) * x, 0.0, 1.0).astype(np.float32)
+    out["push"] = cut.astype(np.float32) - bridge.astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def make_batch(rng: np.random.Generator, sources: list[np.ndarray], batch: int, size: int, counts) -> dict:
+    samples = []
+    for i in range(batch):
+        g = random_crop(rng, sources[i % len(sources)], size)
+        samples.append(corruptions(rng, g, int(rng.integers(*counts[0])), int(rng.integers(*counts[1]))))
+    return {k: torch.from_numpy(np.stack([s[k] for s in samples])).unsqueeze(1) for k in samples[0]}
+
+
+def objective(net: MaskFeatures, b: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    hard = ("cut", "bridge", "cut_thin", "cut_thick", "bridge_thin", "bridge_thick")
+    n = b["label"].shape[0]
+    d = feature_distance(
+        net, torch.cat([b[k] for k in hard]), b["label"].repeat(len(hard), 1, *[1] * (b["label"].ndim - 2))
+    )
+    d = dict(zip(hard, d.clamp_min(1e-12).view(len(hard), n)))
+    count = {k: b["n_cut"].flatten() if k.startswith("cut") else b["n_bridge"].flatten() for k in hard}
+    per_pixel = {k: d[k] / count[k] for k in hard}
+    ratios = [
+        torch.log(per_pixel[topo] / per_pixel[f"{topo}_{kind}"])
+        for topo in ("cut", "bridge")
+        for kind in ("thin", "thick")
+    ]
+    rank = torch.stack([F.softplus(math.log(MARGIN) - r) for r in ratios]).mean()
+
+    soft = b["soft"].clone().requires_grad_(True)
+    term = feature_distance(net, soft, b["label"]).sum()
+    (grad,) = torch.autograd.grad(term, soft, create_graph=True)
+    push = b["push"].flatten(1)
+    cos = (-grad.flatten(1) * push).sum(1) / (grad.flatten(1).norm(dim=1) * push.norm(dim=1) + 1e-12)
+    align = (1 - cos).mean()
+    stats = {
+        "rank": rank.item(),
+        "align": align.item(),
+        "cos": cos.mean().item(),
+        "cut_x": torch.stack(ratios[:2]).exp().median().item(),
+        "bridge_x": torch.stack(ratios[2:]).exp().median().item(),
+        "soft_d": term.item() / n,
+    }
+    # The ranking and the cosine ignore the feature scale; keep the term of a soft prediction near 1 so that the
+    # scale does not drift (it did, to ~1e12, without this).
+    scale = torch.log(term.detach().new_tensor(1.0) * term / n).square()
+    return rank + ALIGN_WEIGHT * align + 0.01 * scale, stats
+
+
+def train(dims: int, steps: int, seed: int, isbi: Path, batch: int = 8, log_every: int = 50) -> MaskFeatures:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if dims == 2:
+        sources = [isbi_membranes(isbi), membrane_2d(16, 256, seed=seed)[1][:, 0].astype(bool)]
+        size, counts = 128, ((3, 11), (1, 5))
+    else:
+        sources = [vessels_3d(8, 64, seed=seed, organ=False)[1][:, 0] == VESSEL]
+        size, counts = 48, ((2, 7), (1, 4))
+    net = MaskFeatures(dims, weights=None, seed=seed)
+    net.convs.requires_grad_(True)
+    opt = torch.optim.Adam(net.convs.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    t0 = time.perf_counter()
+    soft_d = []
+    for step in range(1, steps + 1):
+        loss, stats = objective(net, make_batch(rng, sources, batch, size, counts))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        soft_d.append(stats["soft_d"])
+        if step % log_every == 0 or step == steps:
+            line = " ".join(f"{k} {v:.3g}" for k, v in stats.items())
+            print(f"step {step:5d}  {time.perf_counter() - t0:6.0f}s  {line}", flush=True)
+    net.requires_grad_(False)
+    # Output scale: the term of a soft prediction is ~1 (the last quarter of training as the sample).
+    with torch.no_grad():
+        net.scale.fill_(1.0 / math.sqrt(max(float(np.mean(soft_d[-max(1, steps // 4) :])), 1e-12)))
+    return net
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--isbi", type=Path, default=DEFAULT_ISBI, help="ISBI 2012 folder (only labels 00-23 read)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    net = train(args.dims, args.steps, args.seed, args.isbi)
+    torch.save(net.state_dict(), args.out)
+    print(f"saved {args.out}  sha256 {hashlib.sha256(args.out.read_bytes()).hexdigest()}")
+
+
+if __name__ == "__main__":
+    main()
