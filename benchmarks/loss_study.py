@@ -19,7 +19,8 @@ finished run is never trained again, so an interrupted study resumes where it st
     python benchmarks/loss_study.py --budget cpu --timing      # step time of every loss vs CE, one process
 
 Budgets: ``cpu`` (3000 steps of 4 x 96^2 patches, cosine learning rate, ~3-5 min a run on one core without the
-VGG term) and ``gpu`` (the paper-sized recipe, see ``BUDGETS``). ``--data`` points at an ISBI 2012 folder
+VGG term), ``gpu`` (the bundle's full recipe, see ``BUDGETS``) and ``quick`` (800 steps, one seed: the README's
+side-by-side of CE and the winning loss, written under ``benchmarks/results/loss_study_quick/`` only). ``--data`` points at an ISBI 2012 folder
 (``images/NN.png``, ``labels/NN.png``, label 0 = membrane); it defaults to ``../shared/data/isbi2012_em``.
 """
 
@@ -51,6 +52,8 @@ FIGURES = REPO / "docs" / "figures"
 # fold 1 validates on sections the fold-0 models trained on, a second look at whether a ranking holds.
 FOLDS = {0: (range(0, 24), range(24, 30), 27), 1: (range(6, 30), range(0, 6), 2)}
 
+# budgets whose tables and figures go into docs/ (the others stay in their results folder)
+PUBLISHED = ("cpu", "gpu")
 BUDGETS = {
     # steps, patch edge, patches per step, Adam learning rate (cosine to 0), evaluations on the way, seeds
     "cpu": {"steps": 3000, "patch": 96, "batch": 4, "lr": 1e-3, "evals": 6, "seeds": [0, 1, 2], "threads": 1},
@@ -58,6 +61,9 @@ BUDGETS = {
     # 2400 steps of 8 (13x the pixels of the cpu budget); AMP on CUDA. Estimate, not measured here: ~10-20 ms a
     # step for the UNet on an H100, i.e. 1-2 min a run, ~5x that with the VGG-19 term.
     "gpu": {"steps": 2400, "patch": 256, "batch": 8, "lr": 1e-3, "evals": 8, "seeds": [0, 1, 2], "threads": 8},
+    # the README's main job: one seed of CE against the winning loss in a couple of minutes, written under
+    # benchmarks/results/loss_study_quick/ only (not into docs/)
+    "quick": {"steps": 800, "patch": 96, "batch": 4, "lr": 1e-3, "evals": 4, "seeds": [0], "threads": 1},
     # for the tests
     "tiny": {"steps": 3, "patch": 64, "batch": 2, "lr": 1e-3, "evals": 1, "seeds": [0], "threads": 1},
 }
@@ -654,10 +660,13 @@ def main(argv=None) -> None:
     parser.add_argument("--report", action="store_true", help="only rebuild the CSV, tables and figures")
     parser.add_argument("--timing", action="store_true", help="measure step time of every loss vs CE, one process")
     parser.add_argument("--run", nargs=2, metavar=("LOSS", "SEED"), help=argparse.SUPPRESS)
-    parser.add_argument("--doc", type=Path, default=DOC)
-    parser.add_argument("--figures", type=Path, default=FIGURES)
+    parser.add_argument("--doc", type=Path, default=None, help="page to write the table into (default: see PUBLISHED)")
+    parser.add_argument("--figures", type=Path, default=None)
     args = parser.parse_args(argv)
     results = args.results or results_dir(args.budget, args.fold)
+    published = args.budget in PUBLISHED
+    args.doc = args.doc or (DOC if published else results / "table.md")
+    args.figures = args.figures or (FIGURES if published else results)
     losses = args.losses or ORDER
     if args.run:
         train_one(args.run[0], int(args.run[1]), args.budget, args.data, results, args.fold)
