@@ -22,9 +22,10 @@ __all__ = ["isbi2012_datalist", "nifti_datalist", "parse_sections", "resolve_dat
 logger = logging.getLogger(__name__)
 
 # kind -> (what a folder of that kind must contain, writer of the synthetic stand-in, where the real data comes from)
+# kind: (folder that marks the data, download helper, whether the helper takes the data folder's parent)
 _KINDS = {
-    "isbi2012_em": ("images", "segloss.data.download.download_isbi2012"),
-    "spleen_ct": ("imagesTr", "segloss.data.download.download_msd_spleen"),
+    "isbi2012_em": ("images", "download_isbi2012", False),
+    "spleen_ct": ("imagesTr", "download_msd_spleen", True),  # writes root/Task09_Spleen
 }
 
 
@@ -148,13 +149,18 @@ def resolve_dataset(
     """
     if kind not in _KINDS:
         raise ValueError(f"`kind` must be one of {sorted(_KINDS)}, got {kind!r}.")
-    marker, getter = _KINDS[kind]
+    marker, getter, takes_parent = _KINDS[kind]
     if dataset_dir is not None and (Path(dataset_dir) / marker).is_dir():
         return str(Path(dataset_dir))
     if not synthetic:
+        folder = Path(dataset_dir if dataset_dir is not None else "<dataset_dir>").resolve()
+        root = folder.parent if takes_parent else folder
         raise FileNotFoundError(
-            f"{kind} data not found at {dataset_dir} (expected a `{marker}/` folder). Get it with {getter}(...) "
-            "(see its docstring for placing the files by hand when offline), or allow the synthetic fallback."
+            f"{kind} data not found at {folder} (expected a `{marker}/` folder there). Get it with "
+            f"`python -c \"import segloss.data as d; d.{getter}('{root}')\"` (segloss.data.{getter}; its "
+            "docstring says how to place the files by hand when offline), point a bundle at the data with "
+            "`--dataset_dir /path/to/data`, or ask for the synthetic stand-in with `--synthetic_fallback True` "
+            "(resolve_dataset(..., synthetic=True))."
         )
     out = Path(work_dir) / f"synthetic_{kind}"
     if not out.is_dir():

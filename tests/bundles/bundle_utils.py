@@ -75,6 +75,11 @@ def tiny(bundle: str, work: Path, **override) -> dict:
     }
 
 
+def synthetic(work: Path) -> dict:
+    """Overrides that train on the synthetic stand-in, asked for explicitly: no data folder, fallback on."""
+    return {"dataset_dir": str(work / "absent"), "synthetic_fallback": True}
+
+
 def cli_args(override: dict) -> list[str]:
     return [f"--{k}={v!r}" if not isinstance(v, str) else f"--{k}={v}" for k, v in override.items()]
 

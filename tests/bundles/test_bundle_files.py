@@ -91,3 +91,62 @@ def test_every_loss_option_builds_and_trains(bundle):
         value = loss(logits, label)
         (grad,) = torch.autograd.grad(value, logits)
         assert value.ndim == 0 and torch.isfinite(value) and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_changelog_names_the_current_version_first(bundle):
+    meta = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())
+    versions = list(meta["changelog"])
+    assert versions[0] == meta["version"], "each config change bumps `version` and adds its changelog entry on top"
+    as_tuples = [tuple(int(part) for part in v.split(".")) for v in versions]
+    assert as_tuples == sorted(as_tuples, reverse=True) and len(set(as_tuples)) == len(as_tuples)
+    assert all(meta["changelog"][v].strip() for v in versions)
+
+
+MODEL_ZOO_FILE_LIMIT = 25 * 1024**2  # bytes; larger files are fetched through large_files.yml
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_files_over_the_model_zoo_limit_are_in_large_files_yml(bundle):
+    import subprocess
+
+    import yaml
+
+    root = BUNDLES / bundle
+    tracked = subprocess.run(["git", "ls-files", "."], cwd=root, capture_output=True, text=True, check=True)
+    files = {root / name for name in tracked.stdout.split()} | {root / "models" / "model.pt"}
+    large = {str(p.relative_to(root)) for p in files if p.is_file() and p.stat().st_size > MODEL_ZOO_FILE_LIMIT}
+    listed = set()
+    if (root / "large_files.yml").is_file():
+        entries = yaml.safe_load((root / "large_files.yml").read_text())["large_files"]
+        listed = {entry["path"].removeprefix("./") for entry in entries}
+        assert all(entry.get("url") for entry in entries), "every large file says where to fetch it"
+    assert large <= listed, f"files over 25 MB must be listed in {bundle}/large_files.yml: {sorted(large - listed)}"
+
+
+def _readme_commands(bundle: str, subcommand: str) -> list[list[str]]:
+    readme = (BUNDLES / bundle / "docs" / "README.md").read_text()
+    lines = re.findall(rf"^python -m monai\.bundle {subcommand} .*$", readme, flags=re.M)
+    assert lines, f"the README documents `python -m monai.bundle {subcommand}`"
+    return [shlex.split(line) for line in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_readme_verify_net_in_out_command_passes(bundle):
+    """`python -m monai.bundle verify_net_in_out` (as documented) builds the network and checks its in/out shapes."""
+    import subprocess
+
+    from bundle_utils import subprocess_env
+
+    for args in _readme_commands(bundle, "verify_net_in_out"):
+        result = subprocess.run(
+            [sys.executable, *args[1:]],
+            cwd=BUNDLES / bundle,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "data shape of network is verified" in result.stdout + result.stderr

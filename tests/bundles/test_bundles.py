@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, SYNTHETIC_DIR, TINY, cli_args, run, run_cli, tiny, workflow
+from bundle_utils import BUNDLES, SYNTHETIC_DIR, TINY, cli_args, run, run_cli, synthetic, tiny, workflow
 from ignite.engine import Events
 from PIL import Image
 
@@ -52,7 +52,7 @@ def trained(request, tmp_path_factory):
     """A 2-epoch synthetic training run of each bundle: (bundle, work folder, loss term weights per epoch)."""
     bundle, work = request.param, tmp_path_factory.mktemp(request.param)
     weights = {}
-    wf = workflow(bundle, max_epochs=2, dataset_dir=str(work / "absent"), **tiny(bundle, work))
+    wf = workflow(bundle, max_epochs=2, **synthetic(work), **tiny(bundle, work))
     assert _epochs_run(wf, weights) == [1, 2]
     return bundle, work, weights
 
@@ -84,7 +84,7 @@ def test_train_writes_best_and_resumable_checkpoints(trained):
 
 def test_evaluate_writes_metrics(trained):
     bundle, work, _ = trained
-    run(workflow(bundle, ("train.json", "evaluate.json"), dataset_dir=str(work / "absent"), **tiny(bundle, work)))
+    run(workflow(bundle, ("train.json", "evaluate.json"), **synthetic(work), **tiny(bundle, work)))
     with open(work / "eval" / "val_mean_dice_raw.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
@@ -161,13 +161,13 @@ def test_resume_continues_from_last_epoch(trained, tmp_path):
     shutil.copytree(work / "models", tmp_path / "models")
     shutil.copytree(work / "eval" / SYNTHETIC_DIR[bundle], tmp_path / "eval" / SYNTHETIC_DIR[bundle])
     before = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
-    wf = workflow(bundle, max_epochs=3, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    wf = workflow(bundle, max_epochs=3, **synthetic(tmp_path), **tiny(bundle, tmp_path))
     assert _epochs_run(wf) == [3], "only the missing epoch runs"
     after = torch.load(tmp_path / "models" / "last.pt", weights_only=True)
     assert after["trainer"]["iteration"] == 6
     assert after["best"] == before["best"] or after["best"]["_saved"], "the best-model record is carried over"
     # and resume=False starts from scratch
-    wf = workflow(bundle, max_epochs=1, resume=False, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    wf = workflow(bundle, max_epochs=1, resume=False, **synthetic(tmp_path), **tiny(bundle, tmp_path))
     assert _epochs_run(wf) == [1]
 
 
@@ -180,7 +180,7 @@ def test_killed_run_loses_at_most_one_epoch(tmp_path):
     from bundle_utils import subprocess_env
 
     bundle = "em_membrane_2d"
-    overrides = tiny(bundle, tmp_path, max_epochs=1000, dataset_dir=str(tmp_path / "absent"))
+    overrides = tiny(bundle, tmp_path, max_epochs=1000, **synthetic(tmp_path))
     proc = subprocess.Popen(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *cli_args(overrides)],
         cwd=BUNDLES / bundle,
@@ -202,7 +202,7 @@ def test_killed_run_loses_at_most_one_epoch(tmp_path):
         proc.wait()
     saved = _saved_epoch(last)
     assert saved >= 2
-    wf = workflow(bundle, max_epochs=saved + 1, dataset_dir=str(tmp_path / "absent"), **tiny(bundle, tmp_path))
+    wf = workflow(bundle, max_epochs=saved + 1, **synthetic(tmp_path), **tiny(bundle, tmp_path))
     assert _epochs_run(wf) == [saved + 1]
 
 
@@ -211,7 +211,7 @@ def test_unknown_loss_target_fails_before_training(bundle, tmp_path):
     wf = workflow(
         bundle,
         loss={"_target_": "segloss.losses.NoSuchLoss"},
-        dataset_dir=str(tmp_path / "absent"),
+        **synthetic(tmp_path),
         **tiny(bundle, tmp_path),
     )
     with pytest.raises(Exception) as err:
@@ -264,7 +264,7 @@ def test_corrupt_file_error_names_it(bundle, tmp_path):
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
 def test_multi_gpu_train_under_torchrun_on_cpu(bundle, tmp_path):
-    overrides = tiny(bundle, tmp_path, max_epochs=1, dataset_dir=str(tmp_path / "absent"))
+    overrides = tiny(bundle, tmp_path, max_epochs=1, **synthetic(tmp_path))
     result = run_cli(
         bundle,
         ["--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *cli_args(overrides)],
@@ -304,7 +304,7 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
         max_epochs=1,
         epoch_length=2,
         val_interval=10,
-        dataset_dir=str(tmp_path / "absent"),
+        **synthetic(tmp_path),
         **{k: v for k, v in tiny("em_membrane_2d", tmp_path).items() if k not in ("epoch_length", "val_interval")},
     )
     wf.initialize()
@@ -333,7 +333,7 @@ def test_topology_weights_imagenet_fails_clearly_without_weights(tmp_path, monke
     wf = workflow(
         "em_membrane_2d",
         topology_weights="imagenet",
-        dataset_dir=str(tmp_path / "absent"),
+        **synthetic(tmp_path),
         **tiny("em_membrane_2d", tmp_path),
     )
     with pytest.raises(Exception) as err:
@@ -352,7 +352,7 @@ def test_quick_main_job_prints_metrics_and_writes_figure(tmp_path, capsys):
         max_epochs=2,
         epoch_length=2,
         val_interval=1,
-        dataset_dir=str(tmp_path / "absent"),
+        **synthetic(tmp_path),
         output_dir=str(out),
         **small,
     )
@@ -368,3 +368,41 @@ def test_quick_main_job_prints_metrics_and_writes_figure(tmp_path, capsys):
     assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
     assert list(out.glob("events.out.tfevents.*")), "TensorBoard logs"
     assert (out / "models" / "model.pt").is_file()
+
+
+HELPER = {"em_membrane_2d": "download_isbi2012", "ct_spleen_3d": "download_msd_spleen"}
+
+
+def test_full_recipe_with_a_wrong_dataset_dir_stops_before_training_naming_it(tmp_path):
+    """The README's train command with a wrong --dataset_dir: a clear error naming the folder, nothing trained."""
+    missing = tmp_path / "no_such_isbi2012_em"
+    result = run_cli(
+        "em_membrane_2d",
+        [
+            "--config_file",
+            "configs/train.json",
+            f"--dataset_dir={missing}",
+            f"--output_dir={tmp_path / 'eval'}",
+            f"--ckpt_dir={tmp_path / 'models'}",
+        ],
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "FileNotFoundError" in result.stderr and str(missing) in result.stderr
+    assert HELPER["em_membrane_2d"] in result.stderr, "the message says how to get the data"
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists(), "stopped before training"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_missing_data_folder_fails_in_initialize_unless_the_fallback_is_asked_for(bundle, tmp_path):
+    missing = tmp_path / "absent"
+    wf = workflow(bundle, dataset_dir=str(missing), **tiny(bundle, tmp_path))  # the recipe's own default: no fallback
+    with pytest.raises(Exception) as err:
+        wf.initialize()
+    message = _error_chain(err)
+    assert "FileNotFoundError" in message and str(missing) in message and HELPER[bundle] in message
+    assert "--synthetic_fallback True" in message
+    assert not (tmp_path / "eval").exists(), "no synthetic stand-in was written"
+    # asking for the fallback explicitly gives the synthetic stand-in, in initialize
+    workflow(bundle, **synthetic(tmp_path), **tiny(bundle, tmp_path)).initialize()
+    assert (tmp_path / "eval" / SYNTHETIC_DIR[bundle]).is_dir()
