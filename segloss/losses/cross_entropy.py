@@ -17,6 +17,7 @@ from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
+    check_input_shape,
     check_reduction,
     checked_buffer,
     per_class_vector,
@@ -38,10 +39,7 @@ def check_ce_args(
     """The argument checks of :func:`weighted_cross_entropy`, for losses that hold a CE term."""
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
-    if input.ndim < 3:
-        raise ValueError(
-            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
-        )
+    check_input_shape(input)
     C = input.shape[1]
     if not sigmoid:
         if C == 1:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from segloss.losses.cross_entropy import check_ce_args, label_voxel_weight, weighted_cross_entropy
-from segloss.losses.focal import focal_loss
+from segloss.losses.focal import focal_loss, set_alpha
 from segloss.losses.inputs import (
     Target,
     Weight,
@@ -32,6 +32,7 @@ from segloss.losses.inputs import (
     activate,
     all_reduce_sum,
     batch_sums,
+    check_finite,
     check_reduction,
     check_sync_batch,
     checked_buffer,
@@ -460,6 +461,9 @@ def dice_ce_loss(
     if s.ce_sum is not None:  # softmax + label map: the CE came from the same softmax
         ce = s.ce_sum if reduction == "sum" else safe_ratio(s.ce_sum, s.ce_den)
         return lambda_dice * dice + lambda_ce * ce
+    # the Dice term may have checked the input through its sums only, which accept a -Inf logit; the CE term
+    # (smoothed, or BCE) diverges there, so it needs the full check
+    check_finite(_plain(input), "input")
     if bce:
         # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing for one channel
         ce = weighted_cross_entropy(
@@ -906,9 +910,11 @@ class DiceFocalLoss(OverlapLossBase):
     background), ``alpha`` and ``reduction`` reach both terms as in MONAI; ``"none"`` is the broadcast sum of
     Dice ``(B, n, 1, ...)`` and focal ``(B, n, *spatial)``.
 
-    ``ignore_index`` and ``weight_map`` (not in MONAI's DiceFocalLoss) reach both terms; the focal ``"mean"``
-    always divides by the (weighted) valid voxel count times the channels used, so ignoring voxels equals
-    cropping them (MONAI's FocalLoss drops the channel factor once ``ignore_index`` is set).
+    ``ignore_index`` and ``weight_map`` (not in MONAI's DiceFocalLoss) reach both terms. The focal ``"mean"``
+    divides by the (weighted) valid voxel count, times the channels used for the sigmoid focal term (its
+    per-channel BCE) and not for ``use_softmax`` (one class per voxel, so ``gamma = 0`` gives ``F.cross_entropy``),
+    whether or not ``ignore_index`` is set, so ignoring voxels equals cropping them (MONAI's FocalLoss drops the
+    channel factor once ``ignore_index`` is set).
 
     Args:"""
 
@@ -941,7 +947,7 @@ class DiceFocalLoss(OverlapLossBase):
         weight: Weight = None,
         lambda_dice: float = 1.0,
         lambda_focal: float = 1.0,
-        alpha: float | None = None,
+        alpha: Weight = None,
         *,
         ignore_index: int | None = None,
         sync_batch: bool = False,
@@ -971,9 +977,7 @@ class DiceFocalLoss(OverlapLossBase):
         self.register_buffer("class_weight", checked_buffer(weight, "weight"))
         self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
         self.lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
-        if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
-        self.alpha = None if alpha is None else float(alpha)
+        set_alpha(self, alpha)
         self.use_softmax = use_softmax
 
     def forward(

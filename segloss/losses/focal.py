@@ -36,7 +36,7 @@ from segloss.losses.inputs import (
     safe_ratio,
 )
 
-__all__ = ["FocalLoss", "focal_loss"]
+__all__ = ["FocalLoss", "focal_loss", "set_alpha"]
 
 
 class _SoftmaxFocalAtLabel(torch.autograd.Function):
@@ -313,6 +313,20 @@ def focal_loss(
         return safe_ratio(loss.sum(), k * voxels)
 
 
+def set_alpha(module: nn.Module, alpha: Weight) -> None:
+    """Store a focal ``alpha`` on ``module``: a scalar (checked in [0, 1]) as a float, one value per channel used as
+    a buffer (checked finite and >= 0), None as None."""
+    alpha_t = checked_buffer(alpha, "alpha")
+    if alpha_t is not None and alpha_t.ndim == 0:
+        if float(alpha_t) > 1:
+            raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {float(alpha_t)}.")
+        module.alpha = float(alpha_t)
+    elif alpha_t is not None:
+        module.register_buffer("alpha", alpha_t)
+    else:
+        module.alpha = None
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al., ICCV 2017), a drop-in for MONAI 1.6.1's ``monai.losses.FocalLoss``.
 
@@ -396,15 +410,7 @@ class FocalLoss(nn.Module):
         self.gamma = float(gamma)
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
             raise ValueError(f"`gamma` must be finite and >= 0, got {gamma}.")
-        alpha_t = checked_buffer(alpha, "alpha")
-        if alpha_t is not None and alpha_t.ndim == 0:
-            self.alpha = float(alpha_t)
-            if self.alpha > 1:
-                raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {self.alpha}.")
-        elif alpha_t is not None:
-            self.register_buffer("alpha", alpha_t)
-        else:
-            self.alpha = None
+        set_alpha(self, alpha)
         self.register_buffer("class_weight", checked_buffer(weight, "weight"))
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y

@@ -36,6 +36,7 @@ __all__ = [
     "as_class_weight",
     "batch_sums",
     "check_finite",
+    "check_input_shape",
     "check_sync_batch",
     "checked_buffer",
     "class_sums",
@@ -166,6 +167,18 @@ class Target:
         return w.sum() if dims is None else w.sum(dims)
 
 
+def check_input_shape(input: torch.Tensor) -> None:
+    """``input`` must be ``(B, C, *spatial)`` with no empty dimension; ``(B, C)`` (classification-shaped, as MONAI
+    accepts) counts as one voxel per item."""
+    if input.ndim < 2:
+        raise ValueError(f"`input` must have shape (B, C, *spatial) or (B, C), got {tuple(input.shape)}.")
+    if input.numel() == 0:
+        raise ValueError(
+            f"`input` of shape {tuple(input.shape)} is empty (B = 0, C = 0 or a spatial size 0): there is no loss "
+            "to compute."
+        )
+
+
 def _label_map(target: torch.Tensor, input_ndim: int) -> torch.Tensor:
     """(B,1,*) or (B,*) -> (B,*)"""
     if target.ndim == input_ndim:
@@ -217,10 +230,7 @@ def prepare_target(
             out-of-range labels, NaN/Inf, or negative weights.
     """
     input = _plain(input)
-    if input.ndim < 3:
-        raise ValueError(
-            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
-        )
+    check_input_shape(input)
     B, C = input.shape[:2]
     spatial = input.shape[2:]
     if isinstance(target, Target):

@@ -265,7 +265,7 @@ def test_fully_ignored_is_zero_with_zero_grad(sigmoid, dense):
             "pos_weight",
         ),
         ({}, torch.randn(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), {}, "sigmoid"),
-        ({}, torch.randn(2, 3), torch.zeros(2, 3), {}, "input"),
+        ({}, torch.randn(3), torch.zeros(3), {}, "input"),  # (B, C) is classification-shaped, accepted
     ],
 )
 def test_bad_input_names_the_argument(kwargs, input, target, fwd, match):
