@@ -1,5 +1,6 @@
 """segloss losses. Every loss shares :mod:`segloss.losses.inputs` for activation, targets, masks and reduction."""
 
+from segloss.losses._fused import set_fused_paths
 from segloss.losses.compound import CompoundLoss
 from segloss.losses.cross_entropy import WeightedCrossEntropyLoss, weighted_cross_entropy
 from segloss.losses.dice import (
@@ -21,7 +22,7 @@ from segloss.losses.skeleton_recall import SkeletonRecallLoss
 from segloss.losses.topology import TopologyAwareLoss, TopologyLoss
 from segloss.losses.tversky import FocalTverskyLoss, TverskyLoss, focal_tversky_loss, tversky_loss
 
-__all__ = ["CompoundLoss", "set_input_checks"]
+__all__ = ["CompoundLoss", "set_fused_paths", "set_input_checks"]
 __all__ += ["SkeletonRecallLoss", "TopologyAwareLoss", "TopologyLoss"]
 __all__ += ["FocalLoss", "WeightedCrossEntropyLoss", "focal_loss", "weighted_cross_entropy"]
 __all__ += ["DiceCELoss", "DiceFocalLoss", "DiceLoss", "GeneralizedDiceLoss", "JaccardLoss"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from segloss.losses._fused import first_order_only, fused_paths_enabled
 from segloss.losses.inputs import (
     Target,
     Weight,
@@ -74,7 +74,7 @@ def weighted_cross_entropy(
         input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
     )
     eps = float(label_smoothing)
-    fused = not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
+    fused = fused_paths_enabled() and not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
     if not fused:  # the fused path checks its sum instead
         tgt.check_input(input)
     with torch.autocast(input.device.type, enabled=False):
@@ -134,7 +134,7 @@ class _LabelCrossEntropy(torch.autograd.Function):
 
     torch's cross-entropy saves the log-softmax and its backward allocates two more ``(B, C, N)`` tensors; here the
     log-softmax is freed after the gather and the backward recomputes the softmax from ``x`` (which autograd holds
-    anyway) into the one tensor it returns: ``dL/dx_c = g v (p_c - [c == t])``. Not twice differentiable.
+    anyway) into the one tensor it returns: ``dL/dx_c = g v (p_c - [c == t])``. First-order only (:func:`~segloss.losses._fused.first_order_only`).
     """
 
     @staticmethod
@@ -144,7 +144,7 @@ class _LabelCrossEntropy(torch.autograd.Function):
         return (nll if v is None else nll.mul_(v)).sum()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         x, labels, v = ctx.saved_tensors
         grad = torch.softmax(x, 1)

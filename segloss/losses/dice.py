@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from segloss.losses._fused import first_order_only, fused_paths_enabled
 from segloss.losses.cross_entropy import check_ce_args, label_voxel_weight, weighted_cross_entropy
 from segloss.losses.focal import focal_loss, set_alpha
 from segloss.losses.inputs import (
@@ -101,7 +101,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item (the CE term has no table form: it
     would divide by ``p_t``). ``batch`` / ``sync_batch`` reduce the sums as
     :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over the
-    batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. Not twice differentiable.
+    batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. First-order only (:func:`~segloss.losses._fused.first_order_only`).
     """
 
     @staticmethod
@@ -126,7 +126,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
         return tp, ps, ts, ce_sum
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
         p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
         via_table, squared_pred, batch, sync_batch, with_ce = ctx.flags
@@ -211,7 +211,7 @@ def class_stats(
         input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
     )
     ce_sum = ce_den = None
-    if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
+    if fused_paths_enabled() and softmax and tgt.is_labels:  # multi-class: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]
         with torch.autocast(input.device.type, enabled=False):
             x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view

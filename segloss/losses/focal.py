@@ -22,8 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from segloss.losses._fused import first_order_only, fused_paths_enabled
 from segloss.losses.inputs import (
     Target,
     Weight,
@@ -49,7 +49,7 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
 
     where ``log(p) / (1 - p) -> -1`` as ``p -> 1`` (so ``gamma < 1`` stays finite), and ``1 - p_t`` is
     ``-expm1(log p_t)``, accurate near ``p_t = 1``. The forward's per-voxel factors ``1 - p_t`` and its power are
-    saved for the backward (each ``(B, N)``, ``1/C`` of the log-probabilities). Not twice differentiable.
+    saved for the backward (each ``(B, N)``, ``1/C`` of the log-probabilities). First-order only (:func:`~segloss.losses._fused.first_order_only`).
     """
 
     @staticmethod
@@ -63,7 +63,7 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
         return (q_gamma * logp_t).neg_()
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logp, labels, logp_t, q, q_gamma = ctx.saved_tensors
         gamma = ctx.gamma
@@ -72,6 +72,12 @@ class _SoftmaxFocalAtLabel(torch.autograd.Function):
         grad_logits = logp.exp().mul_(-coef.unsqueeze(1))
         grad_logits.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
         return grad_logits, None, None
+
+
+def _softmax_focal_at_label(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The plain autograd form of :class:`_SoftmaxFocalAtLabel`: ``-(1 - p_t)^gamma log p_t``, ``(B, N)``."""
+    logp_t = torch.log_softmax(logits, 1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    return -torch.expm1(logp_t).neg().pow(gamma) * logp_t
 
 
 def _pad(vec: torch.Tensor | None, n: int, start: int, like: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,7 @@ class _SigmoidFocalAtLabel(torch.autograd.Function):
     column blocks (:func:`_blocks`): each element is still read once per pass, but the temporaries are one
     block's, so the only full-size allocation is the input gradient (plus the output for ``per_element``).
     The logits are flattened inside, so that the gradient returned is not a view: autograd can then add another
-    term's gradient (DiceFocal's Dice) into it in place instead of allocating their sum. Not twice differentiable.
+    term's gradient (DiceFocal's Dice) into it in place instead of allocating their sum. First-order only (:func:`~segloss.losses._fused.first_order_only`).
     """
 
     @staticmethod
@@ -158,7 +164,7 @@ class _SigmoidFocalAtLabel(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         input, labels, factors = ctx.saved_tensors
         gamma, start, per_element = ctx.options
@@ -181,6 +187,24 @@ class _SigmoidFocalAtLabel(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
+def _sigmoid_focal_at_label(
+    input: torch.Tensor,
+    labels: torch.Tensor,
+    gamma: float,
+    start: int,
+    factors: torch.Tensor | None,
+    per_element: bool,
+) -> torch.Tensor:
+    """The plain autograd form of :class:`_SigmoidFocalAtLabel` (same arguments and result)."""
+    x = input.reshape(*input.shape[:2], -1)[:, start:]
+    positive = labels.unsqueeze(1) == torch.arange(start, input.shape[1], device=x.device).view(1, -1, 1)
+    z = torch.where(positive, -x, x)
+    loss = F.softplus(z) * torch.exp(gamma * F.logsigmoid(z))
+    if factors is not None:
+        loss = loss * torch.where(positive, factors[0].view(-1, 1), factors[1].view(-1, 1))
+    return loss if per_element else loss.sum(1)
+
+
 def _softmax_focal(
     x: torch.Tensor, tgt: Target, gamma: float, start: int, over_all: bool, factor: torch.Tensor | None, none: bool
 ) -> torch.Tensor:
@@ -193,7 +217,8 @@ def _softmax_focal(
         idx = (t - start).clamp_min(0) if start else t  # channel among the n used; background voxels are zeroed below
         if own_softmax:  # channel 0 stays out of the loss: its logits are checked on their own
             tgt.check_input(x)
-        loss = _SoftmaxFocalAtLabel.apply(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
+        at_label = _SoftmaxFocalAtLabel.apply if fused_paths_enabled() else _softmax_focal_at_label
+        loss = at_label(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
         tgt.check_input_through(loss)  # NaN/Inf in the input, found in the per-voxel loss: no pass over the input
         if factor is not None or start:
             loss = loss * _pad(factor, n, start, x)[t]
@@ -240,7 +265,8 @@ def _sigmoid_focal(
     if pos is not None or neg is not None:
         ones = x.new_ones(n)
         factors = torch.stack([ones if pos is None else pos, ones if neg is None else neg])
-    loss = _SigmoidFocalAtLabel.apply(x, tgt.labels, gamma, start, factors, none)
+    at_label = _SigmoidFocalAtLabel.apply if fused_paths_enabled() else _sigmoid_focal_at_label
+    loss = at_label(x, tgt.labels, gamma, start, factors, none)
     return loss if none else loss.unsqueeze(1)
 
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from segloss.losses.inputs import (
     Weight,
@@ -144,8 +143,8 @@ class _LovaszExtension(torch.autograd.Function):
         return loss, total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_total):
+        # inc is a constant of the errors: this product is also the exact graph for second derivatives
         (inc,) = ctx.saved_tensors
         return inc * grad_loss.unsqueeze(-1), None, None, None
 
