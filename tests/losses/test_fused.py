@@ -86,3 +86,28 @@ def test_switch_keeps_values_and_gradients():
             grads.append((value.detach(), torch.autograd.grad(value, xx)[0]))
         set_fused_paths(True)
         torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+COMPILED = {
+    "dice": segloss.DiceLoss(to_onehot_y=True, softmax=True),
+    "generalized_dice": segloss.GeneralizedDiceLoss(to_onehot_y=True, softmax=True),
+    "tversky": segloss.TverskyLoss(to_onehot_y=True, softmax=True),
+    "dice_ce": segloss.DiceCELoss(to_onehot_y=True, softmax=True),
+    "dice_focal": segloss.DiceFocalLoss(to_onehot_y=True, softmax=True),
+    "focal": segloss.FocalLoss(to_onehot_y=True, use_softmax=True),
+    "focal_sigmoid": segloss.FocalLoss(to_onehot_y=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_gives_the_eager_value_and_gradient(name):
+    # torch.jit.script is not supported (docs/losses.md); torch.compile is
+    torch._dynamo.reset()
+    loss = COMPILED[name]
+    x, y = _data()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = torch.compile(loss, backend="aot_eager")(x1, y)
+    want = loss(x2, y)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x1)[0], torch.autograd.grad(want, x2)[0])
