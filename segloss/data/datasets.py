@@ -21,7 +21,7 @@ __all__ = ["isbi2012_datalist", "nifti_datalist", "parse_sections", "resolve_dat
 
 logger = logging.getLogger(__name__)
 
-# kind -> (what a folder of that kind must contain, writer of the synthetic stand-in, where the real data comes from)
+# kind -> (what a folder of that kind must contain, the function that gets the real data)
 _KINDS = {
     "isbi2012_em": ("images", "segloss.data.download.download_isbi2012"),
     "spleen_ct": ("imagesTr", "segloss.data.download.download_msd_spleen"),

@@ -294,8 +294,8 @@ class TopologyAwareLoss(CompoundLoss):
     """``pixel_loss(input, target) + mu * topology_loss(input, target)`` (Mosinska et al., CVPR 2018, eq. 3).
 
     A :class:`~segloss.losses.CompoundLoss` with terms ``"pixel"`` (weight 1) and ``"topology"`` (weight ``mu``):
-    keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only if its ``forward`` accepts
-    them, the last term values are in :attr:`last_terms`, and ``set_weight("topology", mu)`` changes ``mu``
+    keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only (``weight_map`` raises if
+    its ``forward`` does not take it), the last term values are in :attr:`last_terms`, and ``set_weight("topology", mu)`` changes ``mu``
     (e.g. a warm-up schedule; ``mu=0`` skips the VGG pass).
 
     Args:
@@ -315,7 +315,11 @@ class TopologyAwareLoss(CompoundLoss):
             topology_loss = TopologyLoss()
         elif isinstance(topology_loss, Mapping):
             topology_loss = TopologyLoss(**topology_loss)
-        super().__init__({"pixel": pixel_loss, "topology": topology_loss}, {"pixel": 1.0, "topology": mu})
+        super().__init__(
+            {"pixel": pixel_loss, "topology": topology_loss},
+            {"pixel": 1.0, "topology": mu},
+            term_kwargs={"topology": []},  # the perceptual term takes no weight map
+        )
 
     @property
     def mu(self) -> float:
