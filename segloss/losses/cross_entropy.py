@@ -19,8 +19,7 @@ from segloss.losses.inputs import (
     _plain,
     check_input_shape,
     check_reduction,
-    checked_buffer,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
 )
@@ -80,10 +79,10 @@ def weighted_cross_entropy(
     with torch.autocast(input.device.type, enabled=False):
         x = _plain(input).float().reshape(B, C, -1)
         N = x.shape[-1]
-        cw = per_class_vector(class_weight, C, "class_weight", x.device)
+        cw = per_class_weight(class_weight, "class_weight", C, x.device)
         w = tgt.weight
         if sigmoid:
-            pw = per_class_vector(pos_weight, C, "pos_weight", x.device)
+            pw = per_class_weight(pos_weight, "pos_weight", C, x.device)
             loss = _sigmoid_ce(x, tgt.labels, tgt.dense, pw, eps)
             if cw is not None:
                 loss = loss * cw.view(C, 1)
@@ -246,8 +245,8 @@ class WeightedCrossEntropyLoss(nn.Module):
             raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
         if pos_weight is not None and not sigmoid:
             raise ValueError("`pos_weight` applies to the sigmoid (binary) cross-entropy only; set `sigmoid=True`.")
-        self.register_buffer("class_weight", checked_buffer(class_weight, "class_weight"))
-        self.register_buffer("pos_weight", checked_buffer(pos_weight, "pos_weight"))
+        self.register_buffer("class_weight", per_class_weight(class_weight, "class_weight"))
+        self.register_buffer("pos_weight", per_class_weight(pos_weight, "pos_weight"))
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)
         self.sigmoid = sigmoid

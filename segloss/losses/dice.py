@@ -35,11 +35,10 @@ from segloss.losses.inputs import (
     check_finite,
     check_reduction,
     check_sync_batch,
-    checked_buffer,
     class_sums,
     first_class,
     label_sums,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     reduce_loss,
     safe_ratio,
@@ -80,28 +79,23 @@ class ClassStats(NamedTuple):
 
 
 class _SoftmaxLabelStats(torch.autograd.Function):
-    """Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
-    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor (on
-    the CPU).
+    r"""Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
+    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
 
     Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
-    softmax gradient alive at once; here only ``p`` (and, for the second form below, the ``(B, N)`` probability at
-    the label) is saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``) and voxel weight ``w``, the gradient with
-    respect to ``p_c`` is ``G_c = w (a_c + [c == t] b_t)``: column ``t`` of the ``(C, C)`` table ``a 1^T + diag(b)``
-    of its item. The backward gathers it into the output buffer and runs torch's softmax backward
-    ``p_c (G_c - sum_k p_k G_k)`` there in place (one fused pass on the CPU, which reads each element before
-    writing it; the CUDA kernel reads a temporary ``G p`` instead), then multiplies by ``w``.
+    softmax gradient alive at once; here only ``p`` and the ``(B, N)`` weighted probability at the label are
+    saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w``, the CE voxel weight
+    ``v = w cw_t`` (class weight of the label) and ``k_v = dL/dCE v_v``:
 
-    With ``squared_pred`` or the fused cross-entropy, with the CE voxel weight ``v = w cw_t`` (class weight of the
-    label) and ``k_v = dL/dCE v_v``, it uses the closed form::
+    .. math::
 
-        H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
-        dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
+        H_c = w p_c a_c \; (2 w p_c^2 a_c \text{ with squared\_pred}) + [c = t]\, w p_t b_t, \qquad
+        \frac{\partial L}{\partial x_c} = H_c - p_c \sum_k H_k + k (p_c - [c = t])
 
-    where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item (the CE term has no table form: it
-    would divide by ``p_t``). ``batch`` / ``sync_batch`` reduce the sums as
-    :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over the
-    batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. First-order only (:func:`~segloss.losses._fused.first_order_only`).
+    where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item. ``batch`` / ``sync_batch`` reduce the
+    sums as :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients
+    over the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. First-order only
+    (:func:`~segloss.losses._fused.first_order_only`).
     """
 
     @staticmethod
@@ -119,9 +113,8 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             p = torch.softmax(x, 1)
         tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
         tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
-        via_table = not (squared_pred or with_ce)
-        ctx.save_for_backward(p, labels, w, ce_voxel_weight, None if via_table else pw_at_label)
-        ctx.flags = (via_table, squared_pred, batch, sync_batch, with_ce)
+        ctx.save_for_backward(p, labels, w, ce_voxel_weight, pw_at_label)
+        ctx.flags = (squared_pred, batch, sync_batch, with_ce)
         ctx.mark_non_differentiable(ts)
         return tp, ps, ts, ce_sum
 
@@ -129,7 +122,7 @@ class _SoftmaxLabelStats(torch.autograd.Function):
     @first_order_only
     def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
         p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
-        via_table, squared_pred, batch, sync_batch, with_ce = ctx.flags
+        squared_pred, batch, sync_batch, with_ce = ctx.flags
         if sync_batch:
             g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
         B = p.shape[0]
@@ -137,14 +130,6 @@ class _SoftmaxLabelStats(torch.autograd.Function):
             g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
         grad_in = p.new_empty(ctx.in_shape)
         grad = grad_in.view(p.shape)
-        if via_table:
-            table = g_ps.unsqueeze(-1) + torch.diag_embed(g_tp)  # (B, C, C): column k = dL/dp of a voxel of label k
-            torch.gather(table, 2, labels.unsqueeze(1).expand(p.shape), out=grad)
-            # in place: the kernels read each element of G (CPU) or of their own G p (CUDA) before writing it
-            torch.ops.aten._softmax_backward_data.out(grad, p, 1, p.dtype, grad_input=grad)
-            if w is not None:
-                grad.mul_(w)
-            return grad_in, None, None, None, None, None, None
         a = g_ps.unsqueeze(-1)  # (B, C, 1)
         if squared_pred:
             torch.mul(p, a, out=grad).mul_(p).mul_(2)  # H without the label term
@@ -217,7 +202,7 @@ def class_stats(
             x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
             v = None  # the CE weight of each voxel, computed once for the sum, its "mean" and the backward
             if with_ce:
-                v = label_voxel_weight(tgt, per_class_vector(ce_weight, C, "weight", x.device))
+                v = label_voxel_weight(tgt, per_class_weight(ce_weight, "weight", C, x.device))
             tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
         tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
         if with_ce:
@@ -319,7 +304,7 @@ def dice_from_stats(
         f = empty_to_fp_rate(f, s)
     n = tp.shape[-1]
     if weight is not None and n != 1:  # MONAI applies the class weight only with more than one class
-        f = f * per_class_vector(weight, n, "weight", f.device)
+        f = f * per_class_weight(weight, "weight", n, f.device)
     return reduce_loss(f, reduction, s.spatial_ndim)
 
 
@@ -679,7 +664,7 @@ class DiceLoss(OverlapLossBase):
         self.squared_pred = squared_pred
         self.jaccard = jaccard
         self.soft_label = soft_label
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
@@ -872,7 +857,7 @@ class DiceCELoss(OverlapLossBase):
             raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
         self.squared_pred = squared_pred
         self.jaccard = jaccard
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
         self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
         self.lambda_ce = _check_lambda(lambda_ce, "lambda_ce")
         self.label_smoothing = float(label_smoothing)
@@ -974,7 +959,7 @@ class DiceFocalLoss(OverlapLossBase):
         self.gamma = float(gamma)
         if not self.gamma >= 0:
             raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
         self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
         self.lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
         set_alpha(self, alpha)

@@ -29,9 +29,8 @@ from segloss.losses.inputs import (
     Weight,
     _plain,
     check_reduction,
-    checked_buffer,
     first_class,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
 )
@@ -312,9 +311,9 @@ def focal_loss(
         xf = _plain(input).float()
         x = xf.reshape(B, C, -1)
         N = x.shape[-1]
-        cw = per_class_vector(weight, n, "weight", x.device)
+        cw = per_class_weight(weight, "weight", n, x.device)
         if not isinstance(alpha, float):
-            alpha = per_class_vector(alpha, n, "alpha", x.device)
+            alpha = per_class_weight(alpha, "alpha", n, x.device)
         if use_softmax:
             if isinstance(alpha, float):  # MONAI: 1 - alpha for the background channel, alpha for the others
                 full = x.new_full((C,), alpha)
@@ -342,7 +341,7 @@ def focal_loss(
 def set_alpha(module: nn.Module, alpha: Weight) -> None:
     """Store a focal ``alpha`` on ``module``: a scalar (checked in [0, 1]) as a float, one value per channel used as
     a buffer (checked finite and >= 0), None as None."""
-    alpha_t = checked_buffer(alpha, "alpha")
+    alpha_t = per_class_weight(alpha, "alpha")
     if alpha_t is not None and alpha_t.ndim == 0:
         if float(alpha_t) > 1:
             raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {float(alpha_t)}.")
@@ -437,7 +436,7 @@ class FocalLoss(nn.Module):
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
             raise ValueError(f"`gamma` must be finite and >= 0, got {gamma}.")
         set_alpha(self, alpha)
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.use_softmax = use_softmax

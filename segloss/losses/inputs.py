@@ -33,17 +33,15 @@ __all__ = [
     "Weight",
     "activate",
     "all_reduce_sum",
-    "as_class_weight",
     "batch_sums",
     "check_finite",
     "check_input_shape",
     "check_sync_batch",
-    "checked_buffer",
+    "per_class_weight",
     "class_sums",
     "first_class",
     "input_checks_enabled",
     "label_sums",
-    "per_class_vector",
     "prepare_target",
     "reduce_loss",
     "safe_ratio",
@@ -158,13 +156,6 @@ class Target:
     @property
     def is_labels(self) -> bool:
         return self.labels is not None
-
-    def valid_count(self, dims: Sequence[int] | None = None) -> torch.Tensor | None:
-        """Number (weighted sum) of non-ignored voxels, or None when nothing is ignored or weighted."""
-        if self.weight is None:
-            return None
-        w = self.weight if self.weight.shape[1] == 1 else self.weight.mean(1, keepdim=True)
-        return w.sum() if dims is None else w.sum(dims)
 
 
 def check_input_shape(input: torch.Tensor) -> None:
@@ -467,25 +458,6 @@ def batch_sums(
     return tp, pred_sum, target_sum
 
 
-def as_class_weight(
-    weight: float | Sequence[float] | torch.Tensor | None, num_classes: int, name: str = "weight"
-) -> torch.Tensor | None:
-    """A per-class weight tensor of length ``num_classes`` (a scalar is broadcast), checked non-negative."""
-    if weight is None:
-        return None
-    w = torch.as_tensor(weight, dtype=torch.float32)
-    if w.ndim == 0:
-        w = w.repeat(num_classes)
-    if w.ndim != 1 or w.shape[0] != num_classes:
-        raise ValueError(
-            f"The length of `{name}` ({w.numel()}) must equal the number of classes used ({num_classes}); "
-            "with include_background=False it must not include the background class 0."
-        )
-    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-        raise ValueError(f"`{name}` values must be finite and no less than 0.")
-    return w
-
-
 def reduce_loss(f: torch.Tensor, reduction: str, spatial_ndim: int | None = None) -> torch.Tensor:
     """MONAI's reduction of a per-(batch, class) loss ``f`` (``(B,C)`` or ``(C,)``).
 
@@ -527,28 +499,27 @@ def check_sync_batch(batch: bool, sync_batch: bool) -> None:
 Weight = float | Sequence[float] | torch.Tensor | None
 
 
-def checked_buffer(value: Weight, name: str) -> torch.Tensor | None:
-    """A scalar or per-class option as a float32 tensor (0-dim or 1D), checked finite and non-negative on the host
-    (modules do this once, at construction, and keep the result as a buffer)."""
-    if value is None:
-        return None
-    t = torch.as_tensor(value, dtype=torch.float32)
-    if t.ndim > 1:
-        raise ValueError(f"`{name}` must be a number or a 1D sequence, got shape {tuple(t.shape)}.")
-    checked = as_class_weight(t, max(t.numel(), 1), name)
-    return checked if t.ndim else checked[0]
+def per_class_weight(
+    value: Weight, name: str, n: int | None = None, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """A scalar or per-class option (``weight``, ``alpha``, ``pos_weight``...) as float32, or None.
 
-
-def per_class_vector(value: Weight, n: int, name: str, device: torch.device) -> torch.Tensor | None:
-    """``value`` as a float32 vector of length ``n`` on ``device`` (a scalar is broadcast), or None.
-
-    Numbers and sequences are checked here (:func:`checked_buffer`); tensors are taken as already checked, so
-    that a module's buffer on the GPU costs no device sync.
+    Without ``n`` (a module's constructor): checked on the host (finite, >= 0, at most 1D) and returned 0-dim or
+    1D, to be kept as a buffer. With ``n`` (a functional call): a vector of length ``n`` on ``device`` (a scalar is
+    broadcast); numbers and sequences are checked, a tensor is taken as already checked, so that a module's buffer
+    on the GPU costs no device sync.
     """
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor):
-        value = checked_buffer(value, name)
+    if n is None or not isinstance(value, torch.Tensor):
+        t = torch.as_tensor(value, dtype=torch.float32)
+        if t.ndim > 1:
+            raise ValueError(f"`{name}` must be a number or a 1D sequence, got shape {tuple(t.shape)}.")
+        if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` values must be finite and no less than 0.")
+        if n is None:
+            return t
+        value = t
     value = value.to(device=device, dtype=torch.float32)
     if value.ndim == 0:
         return value.expand(n)

@@ -15,8 +15,7 @@ precision on million-voxel vectors, where ``J_k - J_{k-1} ~ 1/N`` would otherwis
 
 Vectorised: every (image, class) error vector is a row of one ``(R, N)`` tensor, sorted at once (rows are
 ``B * C`` with ``per_image`` and ``C`` otherwise), and the increments come from one cumulative sum. The sort keys
-are the float bits of the non-negative errors read as integers, which order like the values (on the CPU this
-reaches PyTorch's radix sort). Ignored voxels get a key after every valid one and no ground truth, so they sit in
+are the float bits of the non-negative errors read as integers, which order like the values. Ignored voxels get a key after every valid one and no ground truth, so they sit in
 a tail that changes neither the intersection nor the union of any valid position, and their increment is zeroed:
 the result equals the loss of the compacted vectors exactly (ties included), without copying them per class.
 
@@ -39,10 +38,9 @@ from segloss.losses.inputs import (
     _plain,
     activate,
     check_reduction,
-    checked_buffer,
     first_class,
     input_checks_enabled,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
     validate_act_args,
@@ -51,26 +49,6 @@ from segloss.losses.inputs import (
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_hinge", "lovasz_softmax"]
 
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-# PyTorch's CPU sort takes its radix path (several times faster than the comparison sort it uses otherwise) only for
-# 1D integer tensors sorted ascending with at least this many elements (at::internal::GRAIN_SIZE).
-_RADIX_MIN = 32768
-
-
-def _argsort_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Permutation of a stable ascending sort of integer ``keys`` ``(..., N)`` along the last dim."""
-    if keys.device.type != "cpu" or keys.shape[-1] < _RADIX_MIN or keys.element_size() > 4:
-        return torch.sort(keys, dim=-1, stable=True).indices
-    # CPU: torch's radix sort serves 1D integer tensors only, and is several times faster there than the comparison
-    # sort of a 2D tensor. Prefixing each key (offset to be non-negative) with its row index in the high 32 bits
-    # makes one 1D int64 sort of every row at once that keeps the rows apart and each row in key order.
-    N = keys.shape[-1]
-    flat = keys.reshape(-1, N)
-    row = torch.arange(flat.shape[0], dtype=torch.int64).unsqueeze(-1)
-    combined = flat.to(torch.int64).add_(1 << 31).bitwise_or_(row << 32).view(-1)  # in place: one int64 buffer
-    # sorted in place (the sorted keys are not needed): one fresh (R, N) int64 output fewer to fault in
-    perm = torch.sort(combined, stable=True, out=(combined, torch.empty_like(combined))).indices
-    del combined
-    return perm.view_as(flat).sub_(row * N).view(keys.shape)
 
 
 class _LovaszExtension(torch.autograd.Function):
@@ -81,7 +59,7 @@ class _LovaszExtension(torch.autograd.Function):
     ``errors`` (False = ignored) or None. Returns the per-row loss and, not differentiable, the per-row
     ground-truth total ``G``. The backward pass gives each voxel the increment of its sorted position.
 
-    The rows are sorted *ascending* (the CPU radix sort sorts ascending only), so the decreasing order of the paper
+    The rows are sorted *ascending*, so the decreasing order of the paper
     is read from the end: the voxel at ascending position ``j`` has rank ``k = N - j``, ``I_k = G - c_k`` is the
     exclusive cumulative sum of ``gt`` up to ``j`` and ``U_k = k + I_k``. Ignored voxels get the key -1, below every
     error, i.e. last in decreasing order.
@@ -103,7 +81,7 @@ class _LovaszExtension(torch.autograd.Function):
         keys = errors.view(_INT_OF_WIDTH[errors.element_size()])
         if valid is not None:
             keys = keys.masked_fill(~valid, -1)
-        perm = _argsort_keys(keys)
+        perm = torch.sort(keys, dim=-1, stable=True).indices
         ignored = None if valid is None else (~valid).expand(errors.shape).gather(-1, perm)
         g = gt.expand(errors.shape).gather(-1, perm)
         rank = torch.arange(N, 0, -1, device=errors.device, dtype=errors.dtype)  # k = N - j
@@ -299,7 +277,7 @@ def lovasz_softmax(
     start = first_class(include_background, C)
     sel, present = _selected_classes(classes, C, start)
     with torch.autocast(input.device.type, enabled=False):
-        cw = per_class_vector(weight, C - start, "weight", input.device)
+        cw = per_class_weight(weight, "weight", C - start, input.device)
         p = activate(input, sigmoid, softmax, other_act).reshape(B, C, -1)
         idx = torch.tensor(sel, device=p.device)
         every = sel == list(range(C))
@@ -459,7 +437,7 @@ class LovaszSoftmaxLoss(nn.Module):
         self.classes = classes
         self.per_image = per_image
         self.ignore_index = ignore_index
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """

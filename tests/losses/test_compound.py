@@ -125,6 +125,8 @@ def test_weight_map_for_a_term_without_it_raises_naming_both():
         loss(x, y, weight_map=w)
     with pytest.raises(TypeError, match="weight_map"):
         call_loss(PlainLoss(), x, y, weight_map=w)
-    excluded = CompoundLoss({"ce": WeightedCrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}, term_kwargs={"lovasz": []})
+    excluded = CompoundLoss(
+        {"ce": WeightedCrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}, term_kwargs={"lovasz": []}
+    )
     expected = WeightedCrossEntropyLoss()(x, y, weight_map=w) + LovaszSoftmaxLoss()(x, y)
     torch.testing.assert_close(excluded(x, y, weight_map=w), expected)
