@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segloss.losses._fused import first_order_only, fused_paths_enabled
+from segloss.losses import _fused
+from segloss.losses._fused import fused_paths_enabled
 from segloss.losses.inputs import (
     Target,
     Weight,
@@ -95,7 +96,7 @@ def weighted_cross_entropy(
                 w = w.amin(1, keepdim=True)  # element-wise sentinel ignore: drop a voxel with any ignored channel
             if fused:
                 v = label_voxel_weight(tgt, cw)
-                total = _LabelCrossEntropy.apply(x, tgt.labels, v)
+                total = _fused.LabelCrossEntropy.apply(x, tgt.labels, v)
                 tgt.check_input_through(total)  # NaN/Inf in the input make the sum NaN/Inf: no pass over the input
                 return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
             y = tgt.labels if tgt.labels is not None else tgt.dense
@@ -125,31 +126,6 @@ def label_voxel_weight(tgt: Target, class_weight: torch.Tensor | None) -> torch.
         return tgt.weight
     cw_t = class_weight[tgt.labels].unsqueeze(1)
     return cw_t if tgt.weight is None else tgt.weight * cw_t
-
-
-class _LabelCrossEntropy(torch.autograd.Function):
-    """``sum_v v_v (-log softmax(x_v)_{t_v})`` for logits ``x`` ``(B, C, N)``, a label map ``t`` ``(B, N)`` and voxel
-    weights ``v`` ``(B, 1, N)`` (or None), keeping no ``(B, C, N)`` tensor for the backward.
-
-    torch's cross-entropy saves the log-softmax and its backward allocates two more ``(B, C, N)`` tensors; here the
-    log-softmax is freed after the gather and the backward recomputes the softmax from ``x`` (which autograd holds
-    anyway) into the one tensor it returns: ``dL/dx_c = g v (p_c - [c == t])``. First-order only (:func:`~segloss.losses._fused.first_order_only`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, labels, v):
-        nll = torch.log_softmax(x, 1).gather(1, labels.unsqueeze(1)).neg_()
-        ctx.save_for_backward(x, labels, v)
-        return (nll if v is None else nll.mul_(v)).sum()
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, g):
-        x, labels, v = ctx.saved_tensors
-        grad = torch.softmax(x, 1)
-        k = g.expand(labels.shape[0], 1, labels.shape[1]) if v is None else v * g
-        grad.mul_(k).scatter_add_(1, labels.unsqueeze(1), -k)
-        return grad, None, None
 
 
 def _sigmoid_ce(

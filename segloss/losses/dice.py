@@ -17,32 +17,29 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from segloss.losses._fused import first_order_only, fused_paths_enabled
-from segloss.losses.cross_entropy import check_ce_args, label_voxel_weight, weighted_cross_entropy
+from segloss.losses.cross_entropy import check_ce_args, weighted_cross_entropy
 from segloss.losses.focal import focal_loss, set_alpha
 from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
-    activate,
-    all_reduce_sum,
-    batch_sums,
     check_finite,
     check_reduction,
-    check_sync_batch,
-    class_sums,
-    first_class,
-    label_sums,
     per_class_weight,
     prepare_target,
     reduce_loss,
     safe_ratio,
-    validate_act_args,
+)
+from segloss.losses.overlap import (
+    OVERLAP_ARGS_DOC,
+    ClassStats,
+    OverlapLossBase,
+    check_options,
+    class_stats,
+    empty_to_fp_rate,
 )
 
 __all__ = [
@@ -56,191 +53,6 @@ __all__ = [
     "dice_loss",
     "generalized_dice_loss",
 ]
-
-EMPTY_TARGET = ("smooth", "fp_rate")
-
-
-class ClassStats(NamedTuple):
-    """Per-class soft confusion sums of the classes used, ``(B, n)`` or (``batch``) ``(n,)``, float32.
-
-    ``count`` is the (weighted) number of valid voxels behind each entry, broadcastable to ``tp``; it is only
-    computed when asked for (``empty_target="fp_rate"``). ``ce_sum`` is the fused cross-entropy sum
-    ``sum_v w_v cw_t (-log p_t)`` and ``ce_den`` its ``"mean"`` denominator ``sum_v w_v cw_t`` (torch's weighted
-    mean) when asked for and the fused path applies, else None.
-    """
-
-    tp: torch.Tensor
-    pred_sum: torch.Tensor
-    target_sum: torch.Tensor
-    count: torch.Tensor | None
-    spatial_ndim: int
-    ce_sum: torch.Tensor | None = None
-    ce_den: torch.Tensor | None = None
-
-
-class _SoftmaxLabelStats(torch.autograd.Function):
-    r"""Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
-    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
-
-    Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
-    softmax gradient alive at once; here only ``p`` and the ``(B, N)`` weighted probability at the label are
-    saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``), voxel weight ``w``, the CE voxel weight
-    ``v = w cw_t`` (class weight of the label) and ``k_v = dL/dCE v_v``:
-
-    .. math::
-
-        H_c = w p_c a_c \; (2 w p_c^2 a_c \text{ with squared\_pred}) + [c = t]\, w p_t b_t, \qquad
-        \frac{\partial L}{\partial x_c} = H_c - p_c \sum_k H_k + k (p_c - [c = t])
-
-    where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item. ``batch`` / ``sync_batch`` reduce the
-    sums as :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients
-    over the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. First-order only
-    (:func:`~segloss.losses._fused.first_order_only`).
-    """
-
-    @staticmethod
-    def forward(ctx, xin, tgt, squared_pred, batch, sync_batch, ce_voxel_weight, with_ce):
-        x = xin.reshape(*xin.shape[:2], -1)
-        ctx.in_shape = xin.shape
-        labels, w = tgt.labels, tgt.weight  # (B, N), (B, 1, N) or None
-        ce_sum = x.new_zeros(())
-        if with_ce:
-            p = torch.log_softmax(x, 1)
-            nll = -p.gather(1, labels.unsqueeze(1))  # (B, 1, N)
-            ce_sum = (nll if ce_voxel_weight is None else nll * ce_voxel_weight).sum()
-            p = p.exp_()  # one (B, C, N) buffer for log p, then p
-        else:
-            p = torch.softmax(x, 1)
-        tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
-        tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
-        ctx.save_for_backward(p, labels, w, ce_voxel_weight, pw_at_label)
-        ctx.flags = (squared_pred, batch, sync_batch, with_ce)
-        ctx.mark_non_differentiable(ts)
-        return tp, ps, ts, ce_sum
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
-        p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
-        squared_pred, batch, sync_batch, with_ce = ctx.flags
-        if sync_batch:
-            g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
-        B = p.shape[0]
-        if batch:
-            g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
-        grad_in = p.new_empty(ctx.in_shape)
-        grad = grad_in.view(p.shape)
-        a = g_ps.unsqueeze(-1)  # (B, C, 1)
-        if squared_pred:
-            torch.mul(p, a, out=grad).mul_(p).mul_(2)  # H without the label term
-            if w is not None:
-                grad.mul_(w)
-            h_sum = grad.sum(1, keepdim=True)
-        else:  # sum_k w p_k a_k as a matrix product: one read of p
-            h_sum = torch.bmm(g_ps.unsqueeze(1), p)
-            if w is not None:
-                h_sum = h_sum * w
-        at_label = (pw_at_label * g_tp.gather(1, labels)).unsqueeze(1)  # w p_t b_t, (B, 1, N)
-        coef = h_sum.add_(at_label)  # sum_k H_k
-        if with_ce:  # without the CE term k is 0: skip its two passes
-            k = g_ce.expand(B, 1, labels.shape[1]) if ce_voxel_weight is None else g_ce * ce_voxel_weight
-            coef, at_label = coef - k, at_label - k
-        if squared_pred:
-            grad.addcmul_(p, coef, value=-1)
-        else:  # p_c (w a_c - coef): broadcast into the output, then one product with p
-            if w is None:
-                torch.sub(a, coef, out=grad)
-            else:
-                torch.mul(w, a, out=grad).sub_(coef)
-            grad.mul_(p)
-        grad.scatter_add_(1, labels.unsqueeze(1), at_label)
-        return grad_in, None, None, None, None, None, None
-
-
-def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
-    if empty_target not in EMPTY_TARGET:
-        raise ValueError(f"`empty_target` must be one of {EMPTY_TARGET}, got {empty_target!r}.")
-    check_sync_batch(batch, sync_batch)
-
-
-def class_stats(
-    input: torch.Tensor,
-    target: torch.Tensor | Target,
-    weight_map: torch.Tensor | None = None,
-    *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    ignore_index: int | None = None,
-    batch: bool = False,
-    squared_pred: bool = False,
-    soft_label: bool = False,
-    sync_batch: bool = False,
-    with_count: bool = False,
-    with_ce: bool = False,
-    ce_weight: Weight = None,
-) -> ClassStats:
-    """Validate, activate and reduce ``input`` ``(B, C, *)`` against ``target`` to :class:`ClassStats`.
-
-    The shared front half of every overlap loss here. A one-channel ``input`` takes a ``(B, *)`` target as a
-    binary mask (as ``(B, 1, *)``), not as class indices. ``include_background=False`` drops channel 0 after the
-    activation (MONAI; ignored with a warning for one channel).
-
-    ``softmax`` with a label map takes the fused path (:class:`_SoftmaxLabelStats`); there ``with_ce`` also
-    returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
-    """
-    validate_act_args(sigmoid, softmax, other_act)
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
-    ce_sum = ce_den = None
-    if fused_paths_enabled() and softmax and tgt.is_labels:  # multi-class: fused, memory-lean softmax + sums (+ CE)
-        B, C = input.shape[:2]
-        with torch.autocast(input.device.type, enabled=False):
-            x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
-            v = None  # the CE weight of each voxel, computed once for the sum, its "mean" and the backward
-            if with_ce:
-                v = label_voxel_weight(tgt, per_class_weight(ce_weight, "weight", C, x.device))
-            tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
-        tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
-        if with_ce:
-            ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
-        else:
-            ce_sum = None
-    else:
-        tgt.check_input(input)
-        p = activate(input, sigmoid=sigmoid, softmax=softmax, other_act=other_act)
-        if p.shape != input.shape:
-            raise ValueError(f"`other_act` must keep the input's shape {tuple(input.shape)}, got {tuple(p.shape)}.")
-        tp, ps, ts = class_sums(
-            p, tgt, batch=batch, squared_pred=squared_pred, soft_label=soft_label, sync_batch=sync_batch
-        )
-    start = first_class(include_background, input.shape[1])
-    count = _count(input, tgt, batch, sync_batch) if with_count else None
-    if start:
-        tp, ps, ts = tp[..., start:], ps[..., start:], ts[..., start:]
-        if count is not None and count.shape[-1] > 1:
-            count = count[..., start:]
-    return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
-
-
-def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:
-    """Weighted number of valid voxels per (item, class): ``(B, 1)``/``(B, C)``, or ``(1,)``/``(C,)`` with batch."""
-    w = tgt.weight
-    count = torch.full((x.shape[0], 1), float(x[0, 0].numel()), device=x.device) if w is None else w.sum(-1)
-    if batch:
-        count = count.sum(0)
-        if sync_batch:
-            count = all_reduce_sum(count)
-    return count
-
-
-def empty_to_fp_rate(f: torch.Tensor, s: ClassStats) -> torch.Tensor:
-    """``empty_target="fp_rate"``: where a class is absent from the target (``target_sum == 0``) the loss is
-    ``pred_sum / count``, the mean predicted probability over the valid voxels (0 if none is valid)."""
-    return torch.where(s.target_sum == 0, safe_ratio(s.pred_sum, s.count), f)
 
 
 def dice_loss(
@@ -523,59 +335,6 @@ def dice_focal_loss(
     )
     return lambda_dice * dice + lambda_focal * focal
 
-
-class OverlapLossBase(nn.Module):
-    """Holds the options shared by the Dice-family modules and checks them once, at construction."""
-
-    def _set_common(
-        self,
-        include_background,
-        to_onehot_y,
-        sigmoid,
-        softmax,
-        other_act,
-        reduction,
-        smooth_nr,
-        smooth_dr,
-        batch,
-        ignore_index,
-        sync_batch,
-        empty_target,
-    ) -> None:
-        validate_act_args(sigmoid, softmax, other_act)
-        check_options(empty_target, batch, sync_batch)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
-        self.reduction = check_reduction(reduction)
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.batch = batch
-        self.ignore_index = ignore_index
-        self.sync_batch = sync_batch
-        self.empty_target = empty_target
-
-    def _common(self) -> dict:
-        names = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr")
-        names += ("smooth_dr", "batch", "ignore_index", "sync_batch", "empty_target")
-        return {k: getattr(self, k) for k in names}
-
-
-OVERLAP_ARGS_DOC = """
-        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
-        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
-            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
-        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
-        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
-        batch: sum the statistics over the batch before the ratio (one value per class).
-        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
-            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
-        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
-            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
-        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`."""
 
 _EMPTY_DOC = """
     **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives

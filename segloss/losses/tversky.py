@@ -7,7 +7,7 @@ networks", MLMI 2017): ``TI = tp / (tp + alpha fp + beta fn)`` trades false posi
 
 Focal Tversky (Abraham & Khan, "A Novel Focal Tversky Loss Function with Improved Attention U-Net for Lesion
 Segmentation", ISBI 2019) raises ``1 - TI`` to a power so that the loss concentrates on the hard, poorly segmented
-classes. Statistics come from :func:`segloss.losses.dice.class_stats` (label maps never one-hot expanded, float32
+classes. Statistics come from :func:`segloss.losses.overlap.class_stats` (label maps never one-hot expanded, float32
 sums, ``ignore_index``, ``weight_map``, ``sync_batch``).
 """
 
@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from segloss.losses.dice import (
+from segloss.losses.inputs import check_reduction, reduce_loss
+from segloss.losses.overlap import (
     OVERLAP_ARGS_DOC,
     ClassStats,
     OverlapLossBase,
@@ -26,7 +27,6 @@ from segloss.losses.dice import (
     class_stats,
     empty_to_fp_rate,
 )
-from segloss.losses.inputs import check_reduction, reduce_loss
 
 __all__ = ["FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss", "tversky_loss"]
 
