@@ -407,18 +407,18 @@ class DiceLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.squared_pred = squared_pred
         self.jaccard = jaccard
@@ -505,18 +505,18 @@ class GeneralizedDiceLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.w_type = _check_w_type(w_type)
         self.soft_label = soft_label
@@ -597,18 +597,18 @@ class DiceCELoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         if self.reduction == "none":
             raise ValueError('`reduction` must be "mean" or "sum" for DiceCELoss (as MONAI), got "none".')
@@ -700,18 +700,18 @@ class DiceFocalLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.squared_pred = squared_pred
         self.jaccard = jaccard

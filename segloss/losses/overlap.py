@@ -155,6 +155,7 @@ class OverlapLossBase(nn.Module):
 
     def _set_common(
         self,
+        *,
         include_background,
         to_onehot_y,
         sigmoid,
