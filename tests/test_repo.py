@@ -110,3 +110,13 @@ def test_transforms_do_not_import_losses():
         if re.search(r"^\s*(from|import)\s+segloss\.losses", path.read_text(), flags=re.M)
     ]
     assert not offenders, f"transforms must not import losses: {offenders}"
+
+
+def test_no_docstrings_assembled_at_import_and_no_private_aten_ops():
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {pattern}"
+        for path in MODULES
+        for pattern in (r"__doc__\s*\+=", r"torch\.ops\.aten\.")
+        if re.search(pattern, path.read_text())
+    ]
+    assert not offenders, offenders

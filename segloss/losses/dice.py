@@ -34,7 +34,6 @@ from segloss.losses.inputs import (
     safe_ratio,
 )
 from segloss.losses.overlap import (
-    OVERLAP_ARGS_DOC,
     ClassStats,
     OverlapLossBase,
     check_options,
@@ -336,16 +335,6 @@ def dice_focal_loss(
     return lambda_dice * dice + lambda_focal * focal
 
 
-_EMPTY_DOC = """
-    **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
-    ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
-    confident *correct* prediction of 3e-7 per voxel over 1e6 voxels still costs ~0.99 and the gradient pushes
-    an already-empty prediction (``empty_target="smooth"``, the default). ``empty_target="fp_rate"`` instead makes
-    the loss of such an entry the mean predicted probability over its valid voxels, ``sum_v w_v p_v / sum_v w_v``
-    (``p^2`` with ``squared_pred``): 3e-7 costs ~3e-7, predicting 1 everywhere costs 1, and with every voxel
-    ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch."""
-
-
 class DiceLoss(OverlapLossBase):
     """Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
 
@@ -360,19 +349,32 @@ class DiceLoss(OverlapLossBase):
     ``"none"`` gives MONAI's broadcastable ``(B, n, 1, ...)`` (``(n, 1, ...)`` with ``batch``). ``soft_label``
     uses the L1/L2-norm form of ``tp`` (Wang & Blaschko 2023), exact for soft targets. Every value and input
     gradient equals MONAI's for the options MONAI has.
-    """
 
-    __doc__ += (
-        _EMPTY_DOC
-        + """
+    **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
+    ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
+    confident *correct* prediction of 3e-7 per voxel over 1e6 voxels still costs ~0.99 and the gradient pushes
+    an already-empty prediction (``empty_target="smooth"``, the default). ``empty_target="fp_rate"`` instead makes
+    the loss of such an entry the mean predicted probability over its valid voxels, ``sum_v w_v p_v / sum_v w_v``
+    (``p^2`` with ``squared_pred``): 3e-7 costs ~3e-7, predicting 1 everywhere costs 1, and with every voxel
+    ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch.
 
     Beyond MONAI: ``weight_map`` in :meth:`forward`, ``sync_batch``, ``empty_target``; label maps never expanded
     to one-hot (with ``softmax=True`` the softmax and sums have a closed-form backward that keeps only the
     probabilities and the input gradient); float32 sums under autocast; ``ValueError`` naming the bad argument.
 
-    Args:"""
-        + OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         squared_pred: square ``p`` and ``g`` in the denominator.
         jaccard: soft Jaccard (IoU) instead of Dice.
         weight: class weight, scalar or one value per class used (``C - 1`` without background), >= 0.
@@ -383,7 +385,6 @@ class DiceLoss(OverlapLossBase):
         loss = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
         value = loss(logits, label)  # logits (B,C,H,W[,D]), label (B,1,H,W[,D]) integer
     """
-    )
 
     def __init__(
         self,
@@ -475,15 +476,22 @@ class GeneralizedDiceLoss(OverlapLossBase):
     voxels, so false positives are penalised there (individual empty classes keep MONAI's max weight, which
     already counts their false positives in the denominator).
 
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         soft_label: exact formulation for soft (non-binary) targets.
     """
-    )
 
     def __init__(
         self,
@@ -552,11 +560,19 @@ class DiceCELoss(OverlapLossBase):
     ``empty_target`` (Dice term). With ``softmax=True``, a label map and no label smoothing both terms share one
     log-softmax buffer and a closed-form backward (about half MONAI's peak memory).
 
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         squared_pred, jaccard: as :class:`DiceLoss`.
         weight: per-class weight (length ``C``) or scalar: CE class weight (BCE ``pos_weight`` for one channel)
             and Dice class weight (``weight[1:]`` without background).
@@ -569,7 +585,6 @@ class DiceCELoss(OverlapLossBase):
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
         value = loss(logits, label, weight_map=border_weights)
     """
-    )
 
     def __init__(
         self,
@@ -660,11 +675,19 @@ class DiceFocalLoss(OverlapLossBase):
     whether or not ``ignore_index`` is set, so ignoring voxels equals cropping them (MONAI's FocalLoss drops the
     channel factor once ``ignore_index`` is set).
 
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         squared_pred, jaccard: as :class:`DiceLoss`.
         gamma: focal exponent, >= 0.
         weight: class weight (scalar or one per channel used) for both terms.
@@ -672,7 +695,6 @@ class DiceFocalLoss(OverlapLossBase):
         alpha: focal alpha (MONAI's conventions, see :class:`~segloss.losses.focal.FocalLoss`).
         use_softmax: softmax focal term instead of MONAI's sigmoid one.
     """
-    )
 
     def __init__(
         self,

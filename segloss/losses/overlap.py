@@ -35,7 +35,6 @@ from segloss.losses.inputs import (
 
 __all__ = [
     "EMPTY_TARGET",
-    "OVERLAP_ARGS_DOC",
     "ClassStats",
     "OverlapLossBase",
     "check_options",
@@ -188,18 +187,3 @@ class OverlapLossBase(nn.Module):
         names = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr")
         names += ("smooth_dr", "batch", "ignore_index", "sync_batch", "empty_target")
         return {k: getattr(self, k) for k in names}
-
-
-OVERLAP_ARGS_DOC = """
-        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
-        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
-            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
-        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
-        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
-        batch: sum the statistics over the batch before the ratio (one value per class).
-        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
-            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
-        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
-            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
-        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`."""
