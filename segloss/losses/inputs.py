@@ -239,93 +239,104 @@ def prepare_target(
     target = _plain(target)
     if C == 1 and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)  # one channel: a (B,*) target is its binary mask, not class indices
-    checks = input_checks_enabled()
-
+    if to_onehot_y and C == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
     is_labels = (
         (to_onehot_y and C > 1)
         or target.ndim == input.ndim - 1
         or (target.ndim == input.ndim and target.shape[1] == 1 and C > 1)
     )
-    if to_onehot_y and C == 1:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
-
-    weight: torch.Tensor | None = None
     if is_labels:
-        labels = _label_map(target, input.ndim)
-        if labels.shape[0] != B or labels.shape[1:] != spatial:
-            raise ValueError(
-                f"`target` label map of shape {tuple(target.shape)} does not match `input` of shape "
-                f"{tuple(input.shape)}: expected (B,1,*spatial) or (B,*spatial) with B={B}, spatial={tuple(spatial)}."
-            )
-        if labels.dtype == torch.bool:
-            labels = labels.long()
-        if labels.is_floating_point():
-            if checks:
-                bad = ~torch.isfinite(labels) | (labels != torch.trunc(labels))
-                if bool(bad.any()):
-                    raise ValueError(
-                        "`target` is a label map but holds non-integer or non-finite values; "
-                        "pass class indices (integers), or a one-hot/soft target with the input's shape."
-                    )
-            labels = labels.long()
-        elif labels.is_complex():
-            raise ValueError("`target` must be real-valued.")
-        else:
-            labels = labels.long()
-        labels = labels.reshape(B, -1)
-        valid = None
+        labels, dense, weight = _read_label_map(target, input.shape, ignore_index), None, None
         if ignore_index is not None:
             valid = labels != ignore_index
             labels = labels.masked_fill(~valid, 0)
-        if checks:
-            lo, hi = torch.aminmax(labels)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= C:
-                raise ValueError(
-                    f"`target` label values must lie in [0, {C}) for an input with {C} channels"
-                    + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
-                    + f"; found values in [{lo}, {hi}]."
-                )
-        if valid is not None:
             weight = valid.unsqueeze(1).float()
-        dense = None
     else:
-        if target.shape != input.shape:
-            raise ValueError(
-                f"`target` of shape {tuple(target.shape)} must be a label map (B,1,*)/(B,*) or have `input`'s "
-                f"shape {tuple(input.shape)} (one-hot / soft target)."
-            )
-        dense = target.float().reshape(B, C, -1)
-        labels = None
-        if ignore_index is not None:
-            if 0 <= ignore_index < C and C > 1:
-                weight = 1.0 - dense[:, ignore_index : ignore_index + 1]
-            else:
-                keep = dense != ignore_index
-                weight = keep.float()
-                dense = dense.masked_fill(~keep, 0.0)
-        if checks and not bool(torch.isfinite(dense).all()):
-            raise ValueError("`target` contains NaN or Inf values.")
-
+        labels, (dense, weight) = None, _read_dense(target, input.shape, ignore_index)
     if weight_map is not None:
-        wm = _plain(weight_map)
-        if wm.ndim == input.ndim - 1:
-            wm = wm.unsqueeze(1)
-        if wm.ndim != input.ndim or wm.shape[0] != B or wm.shape[2:] != spatial or wm.shape[1] not in (1, C):
-            raise ValueError(
-                f"`weight_map` of shape {tuple(weight_map.shape)} must be (B,1,*spatial), (B,*spatial) or "
-                f"(B,C,*spatial) for `input` of shape {tuple(input.shape)}."
-            )
-        if wm.shape[1] == C and C > 1 and labels is not None:
-            raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
-        wm = wm.float().reshape(B, wm.shape[1], -1)
-        if checks and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
-            raise ValueError("`weight_map` must be finite and non-negative.")
+        wm = _read_weight_map(weight_map, input.shape, is_labels)
         weight = wm if weight is None else weight * wm
-
     if check_input:
         check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
     return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial, input_checked=check_input)
+
+
+def _read_label_map(target: torch.Tensor, input_shape: torch.Size, ignore_index: int | None) -> torch.Tensor:
+    """A label map ``(B,1,*)`` / ``(B,*)`` as ``(B, N)`` int64, checked whole and in ``[0, C)`` apart from
+    ``ignore_index`` (the caller masks those)."""
+    B, C, spatial = input_shape[0], input_shape[1], input_shape[2:]
+    labels = _label_map(target, len(input_shape))
+    if labels.shape[0] != B or labels.shape[1:] != spatial:
+        raise ValueError(
+            f"`target` label map of shape {tuple(target.shape)} does not match `input` of shape "
+            f"{tuple(input_shape)}: expected (B,1,*spatial) or (B,*spatial) with B={B}, spatial={tuple(spatial)}."
+        )
+    if labels.is_complex():
+        raise ValueError("`target` must be real-valued.")
+    checks = input_checks_enabled()
+    if labels.is_floating_point() and checks:
+        if bool((~torch.isfinite(labels) | (labels != torch.trunc(labels))).any()):
+            raise ValueError(
+                "`target` is a label map but holds non-integer or non-finite values; "
+                "pass class indices (integers), or a one-hot/soft target with the input's shape."
+            )
+    labels = labels.long().reshape(B, -1)
+    if checks:
+        in_range = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
+        lo, hi = (int(v) for v in torch.aminmax(in_range))
+        if lo < 0 or hi >= C:
+            raise ValueError(
+                f"`target` label values must lie in [0, {C}) for an input with {C} channels"
+                + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                + f"; found values in [{lo}, {hi}]."
+            )
+    return labels
+
+
+def _read_dense(
+    target: torch.Tensor, input_shape: torch.Size, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dense target with the input's shape as ``(B, C, N)`` float32, and the weight of its ``ignore_index``: a
+    class index in ``[0, C)`` masks the voxels of that class, another value the elements equal to it."""
+    B, C = input_shape[:2]
+    if target.shape != input_shape:
+        raise ValueError(
+            f"`target` of shape {tuple(target.shape)} must be a label map (B,1,*)/(B,*) or have `input`'s "
+            f"shape {tuple(input_shape)} (one-hot / soft target)."
+        )
+    dense = target.float().reshape(B, C, -1)
+    weight = None
+    if ignore_index is not None:
+        if 0 <= ignore_index < C and C > 1:
+            weight = 1.0 - dense[:, ignore_index : ignore_index + 1]
+        else:
+            keep = dense != ignore_index
+            weight = keep.float()
+            dense = dense.masked_fill(~keep, 0.0)
+    if input_checks_enabled() and not bool(torch.isfinite(dense).all()):
+        raise ValueError("`target` contains NaN or Inf values.")
+    return dense, weight
+
+
+def _read_weight_map(weight_map: torch.Tensor, input_shape: torch.Size, is_labels: bool) -> torch.Tensor:
+    """``weight_map`` ``(B,1,*)`` / ``(B,*)`` / ``(B,C,*)`` (dense targets only) as ``(B, 1 or C, N)`` float32,
+    checked finite and non-negative."""
+    B, C, spatial, ndim = input_shape[0], input_shape[1], input_shape[2:], len(input_shape)
+    wm = _plain(weight_map)
+    if wm.ndim == ndim - 1:
+        wm = wm.unsqueeze(1)
+    if wm.ndim != ndim or wm.shape[0] != B or wm.shape[2:] != spatial or wm.shape[1] not in (1, C):
+        raise ValueError(
+            f"`weight_map` of shape {tuple(weight_map.shape)} must be (B,1,*spatial), (B,*spatial) or "
+            f"(B,C,*spatial) for `input` of shape {tuple(input_shape)}."
+        )
+    if wm.shape[1] == C and C > 1 and is_labels:
+        raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
+    wm = wm.float().reshape(B, wm.shape[1], -1)
+    if input_checks_enabled() and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
+        raise ValueError("`weight_map` must be finite and non-negative.")
+    return wm
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
