@@ -3,17 +3,9 @@
 from segloss.losses._fused import set_fused_paths
 from segloss.losses.compound import CompoundLoss
 from segloss.losses.cross_entropy import WeightedCrossEntropyLoss, weighted_cross_entropy
-from segloss.losses.dice import (
-    DiceCELoss,
-    DiceFocalLoss,
-    DiceLoss,
-    GeneralizedDiceLoss,
-    JaccardLoss,
-    dice_ce_loss,
-    dice_focal_loss,
-    dice_loss,
-    generalized_dice_loss,
-)
+from segloss.losses.dice import DiceLoss, GeneralizedDiceLoss, JaccardLoss, dice_loss, generalized_dice_loss
+from segloss.losses.dice_ce import DiceCELoss, dice_ce_loss
+from segloss.losses.dice_focal import DiceFocalLoss, dice_focal_loss
 from segloss.losses.focal import FocalLoss, focal_loss
 from segloss.losses.inputs import set_input_checks
 from segloss.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_hinge, lovasz_softmax

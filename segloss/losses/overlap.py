@@ -37,6 +37,7 @@ __all__ = [
     "EMPTY_TARGET",
     "ClassStats",
     "OverlapLossBase",
+    "check_lambda",
     "check_options",
     "class_stats",
     "empty_to_fp_rate",
@@ -187,3 +188,10 @@ class OverlapLossBase(nn.Module):
         names = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr")
         names += ("smooth_dr", "batch", "ignore_index", "sync_batch", "empty_target")
         return {k: getattr(self, k) for k in names}
+
+
+def check_lambda(value: float, name: str) -> float:
+    value = float(value)
+    if not value >= 0.0:
+        raise ValueError(f"{name} should be no less than 0.0.")
+    return value
