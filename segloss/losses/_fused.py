@@ -18,7 +18,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from segloss.losses.inputs import all_reduce_sum, batch_sums, label_sums
+from segloss.losses.class_sums import all_reduce_sum, batch_sums, label_sums
 
 __all__ = [
     "LabelCrossEntropy",
@@ -64,7 +64,7 @@ def first_order_only(backward):
 
 
 class SoftmaxLabelStats(torch.autograd.Function):
-    r"""Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
+    r"""Softmax + per-class sums of :func:`~segloss.losses.class_sums.class_sums` for an integer label map ``t``, with
     an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor.
 
     Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
@@ -78,7 +78,7 @@ class SoftmaxLabelStats(torch.autograd.Function):
         \frac{\partial L}{\partial x_c} = H_c - p_c \sum_k H_k + k (p_c - [c = t])
 
     where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item. ``batch`` / ``sync_batch`` reduce the
-    sums as :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients
+    sums as :func:`~segloss.losses.class_sums.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients
     over the batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. First-order only
     (:func:`~segloss.losses._fused.first_order_only`).
     """

@@ -16,16 +16,15 @@ from torch import nn
 
 from segloss.losses import _fused
 from segloss.losses._fused import fused_paths_enabled
+from segloss.losses.class_sums import all_reduce_sum, class_sums
 from segloss.losses.cross_entropy import label_voxel_weight
 from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
     activate,
-    all_reduce_sum,
     check_reduction,
     check_sync_batch,
-    class_sums,
     first_class,
     per_class_weight,
     prepare_target,

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from segloss.losses.inputs import activate, class_sums, prepare_target, reduce_loss
+from segloss.losses.class_sums import class_sums
+from segloss.losses.inputs import activate, prepare_target, reduce_loss
 
 
 def _naive_sums(p, onehot, w):
@@ -178,7 +179,7 @@ def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, targe
 @pytest.mark.parametrize("n", [5, 8, 11, 12])  # with 4-voxel blocks: one row per item; blocks; blocks + a tail
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sum_by_label_matches_bincount_with_gradient(monkeypatch, n, weighted):
-    from segloss.losses import inputs
+    from segloss.losses import class_sums as inputs
 
     monkeypatch.setattr(inputs, "_ROW", 4)
     g = torch.Generator().manual_seed(n)
