@@ -8,7 +8,8 @@ from segloss.losses.dice_ce import DiceCELoss, dice_ce_loss
 from segloss.losses.dice_focal import DiceFocalLoss, dice_focal_loss
 from segloss.losses.focal import FocalLoss, focal_loss
 from segloss.losses.inputs import set_input_checks
-from segloss.losses.lovasz import LovaszHingeLoss, LovaszSoftmaxLoss, lovasz_hinge, lovasz_softmax
+from segloss.losses.lovasz import LovaszSoftmaxLoss, lovasz_softmax
+from segloss.losses.lovasz_hinge import LovaszHingeLoss, lovasz_hinge
 from segloss.losses.schedule import TermWeightSchedule
 from segloss.losses.skeleton_recall import SkeletonRecallLoss
 from segloss.losses.topology import TopologyAwareLoss, TopologyLoss
