@@ -14,6 +14,7 @@ allocator, which every GPU run has. ``--system-malloc`` keeps glibc's defaults.
 
     python benchmarks/losses.py                      # all losses, all cases, markdown table on stdout
     python benchmarks/losses.py --cases 1x14x96^3 --losses dice focal --repeats 3
+    python benchmarks/losses.py --plain ...          # also time segloss's plain autograd paths (SEGLOSS_FUSED=0)
 """
 
 from __future__ import annotations
@@ -88,14 +89,13 @@ def _lovasz_fn(loss_name: str, impl: str, logits, label):
     import torch.nn.functional as F
 
     import segloss  # noqa: F401
-    from segloss.losses.lovasz import _argsort_keys
 
     B, C, W = logits.shape[0], logits.shape[1], logits.shape[-1]  # noqa: F841  (used by the sources)
     onehot = F.one_hot(label[:, 0], C).movedim(-1, 1).float()  # noqa: F841  (used by the sources)
     valid = torch.ones_like(onehot, dtype=torch.bool)  # noqa: F841
     if impl == "sort":
         keys = torch.rand(B * C, logits[0, 0].numel(), device=logits.device).view(torch.int32)
-        return lambda x, y: _argsort_keys(keys)
+        return lambda x, y: torch.sort(keys, dim=-1, stable=True).indices  # the sort of _LovaszExtension
     return eval(LOVASZ[loss_name][impl], {**globals(), **locals()})  # the lambdas see the inputs above
 
 
@@ -128,7 +128,9 @@ def worker(
     if impl == "torch":
         loss_fn = lambda x, y: F.cross_entropy(x, y[:, 0])  # noqa: E731
     elif loss_name not in LOVASZ:
-        source = LOSSES[loss_name][0 if impl == "segloss" else 1]
+        if impl == "plain":  # segloss with its fused autograd Functions switched off: the plain autograd path
+            segloss.losses.set_fused_paths(False)
+        source = LOSSES[loss_name][0 if impl in ("segloss", "plain") else 1]
         loss_fn = eval(source)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(B, C, *spatial, generator=g).to(device).requires_grad_(True)
@@ -205,6 +207,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument(
+        "--plain", action="store_true", help="also time segloss with its fused paths off (set_fused_paths(False))"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("LOSS", "IMPL", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -216,7 +221,7 @@ def main() -> None:
     for case in args.cases:
         entries = [("cross_entropy", "torch"), MEMORY_REFERENCE]
         for name in args.losses:
-            for impl in LOVASZ[name] if name in LOVASZ else ("segloss", "monai"):
+            for impl in LOVASZ[name] if name in LOVASZ else ("segloss", "monai", "plain")[: 2 + args.plain]:
                 if (impl != "monai" or LOSSES[name][1] is not None) and (name, impl) not in entries:
                     entries.append((name, impl))
         for (name, impl, c), out in run_rounds(entries, case, args).items():
@@ -251,6 +256,17 @@ def main() -> None:
             cells += [f"{s['peak_mb']:.0f}", f"{m['peak_mb']:.0f}" if "peak_mb" in m else "-"]
             cells.append(f"{s['peak_mb'] / ref_mem['peak_mb']:.2f}" if "peak_mb" in ref_mem else "-")
             print(f"| {case} | {name} | " + " | ".join(cells) + " |")
+    if args.plain:
+        print("\nFused paths against the plain autograd path of the same formula (same run)\n")
+        print("| case | loss | fused ms | plain ms | fused/plain | fused MB | plain MB |")
+        print("|---|---|---|---|---|---|---|")
+        for case in args.cases:
+            for name in (n for n in args.losses if n in LOSSES):
+                f, p = results[(name, "segloss", case)], results[(name, "plain", case)]
+                if "ms" in f and "ms" in p:
+                    cells = [f"{f['ms']:.1f}", f"{p['ms']:.1f}", f"{f['ms'] / p['ms']:.2f}"]
+                    cells += [f"{f['peak_mb']:.0f}", f"{p['peak_mb']:.0f}"]
+                    print(f"| {case} | {name} | " + " | ".join(cells) + " |")
     lovasz = [name for name in args.losses if name in LOVASZ]
     if lovasz:
         print("\nLovász losses, per image over all classes (ms of forward+backward; sort: forward only)\n")

@@ -17,8 +17,10 @@ From a bundle config::
     }
 
 with a ``weight_map`` key in each batch (``BorderWeightMapd(keys="label", weight_key="weight_map")`` in the
-transforms). The loss must accept it: every segloss loss does (``forward(input, target, weight_map=None)``);
-:class:`~segloss.losses.CompoundLoss` passes it on to the terms that accept it.
+transforms). The loss must accept it: every segloss loss but the Lovász and topology losses does
+(``forward(input, target, weight_map=None)``); a loss that does not raises ``TypeError`` rather than train
+unweighted (:func:`~segloss.losses.compound.call_loss`), and :class:`~segloss.losses.CompoundLoss` passes it to
+its terms (``term_kwargs`` keeps it away from a term that does not take it).
 
 :func:`vgg19_weights` picks the topology term's VGG-19 weights from a bundle option, so that a bundle runs on an
 offline machine (``"auto"``) or insists on the paper's ImageNet features (``"imagenet"``).
@@ -65,8 +67,9 @@ class LossKwargsIteration:
         allow_missing_keys: when a batch lacks a key, call the loss without that keyword instead of raising
             ``KeyError``.
 
-    The keyword is dropped for losses whose ``forward`` does not accept it (e.g. a plain MONAI loss), like
-    :class:`~segloss.losses.CompoundLoss` does for its terms.
+    A keyword is dropped for losses whose ``forward`` does not take it (e.g. ``skeleton`` for a plain MONAI loss),
+    like :class:`~segloss.losses.CompoundLoss` does for its terms, except ``weight_map``, which raises
+    ``TypeError`` there: the loss would silently be unweighted.
     """
 
     def __init__(self, keys: Mapping[str, str] | None = None, allow_missing_keys: bool = False) -> None:

@@ -6,6 +6,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from segloss.losses import set_fused_paths
+
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
 
@@ -32,13 +34,17 @@ def entries():
         for name, (_, monai_src) in module.LOSSES.items()
         for impl in ("segloss", "monai")[: 1 + bool(monai_src)]
     ]
+    out += [(name, "plain") for name in module.LOSSES]
     out += [(name, impl) for name, impls in module.LOVASZ.items() for impl in impls]
     return out
 
 
 @pytest.mark.parametrize("name, impl", entries())
 def test_every_benchmark_entry_runs(losses_benchmark, name, impl):
-    result = losses_benchmark.worker(name, impl, "tiny", repeats=1, threads=1, device="cpu")
+    try:
+        result = losses_benchmark.worker(name, impl, "tiny", repeats=1, threads=1, device="cpu")
+    finally:
+        set_fused_paths(True)  # the "plain" worker switches the fused paths off (in its own process, normally)
     assert result["ms"] > 0 and result["peak_mb"] == result["peak_mb"]
 
 

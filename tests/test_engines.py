@@ -139,8 +139,11 @@ def test_custom_keys_and_losses_without_the_keyword():
     _trainer(loss, batches, iteration_update=LossKwargsIteration({"weight_map": "image"})).run()
     for seen, batch in zip(loss.seen, batches):
         torch.testing.assert_close(seen, batch["image"], rtol=0, atol=0)
-    # a loss whose forward has no weight_map (plain MONAI) is called as loss(pred, label)
-    _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration()).run()
+    # a loss whose forward has no weight_map (plain MONAI) raises rather than train unweighted
+    with pytest.raises(TypeError, match="MSELoss.forward takes no `weight_map`"):
+        _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration()).run()
+    # another keyword (an alternative target) is left out: it is called as loss(pred, label)
+    _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration({"skeleton": "weight_map"})).run()
     with pytest.raises(ValueError, match="keys"):
         LossKwargsIteration({})
 

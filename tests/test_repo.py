@@ -1,8 +1,75 @@
-"""Repository wiring: CI runs exactly README's test command; dependencies point one way."""
+"""Repository wiring: CI runs exactly README's test command; dependencies point one way, checked on the imports
+of every module (absolute imports only)."""
 
+import ast
+import importlib
 import re
 
+import pytest
 from conftest import REPO_ROOT
+
+MODULES = sorted(REPO_ROOT.joinpath("segloss").rglob("*.py"))
+
+
+def _module_name(path):
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path):
+    """``(line, imported module, is_relative)`` of every import in ``path``, also those inside functions;
+    ``from a import b`` yields ``a.b`` as well (``b`` may be a submodule)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, False) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found.append((node.lineno, base, node.level > 0))
+            found += [(node.lineno, f"{base}.{alias.name}", node.level > 0) for alias in node.names]
+    return found
+
+
+def _offenders(paths, forbidden):
+    pattern = re.compile(rf"^({'|'.join(map(re.escape, forbidden))})(\.|$)")
+    return [
+        f"{path.relative_to(REPO_ROOT)}:{line} imports {name}"
+        for path in paths
+        for line, name, _ in _imports(path)
+        if pattern.match(name)
+    ]
+
+
+def test_every_module_is_checked_and_imports():
+    names = {_module_name(p) for p in MODULES}
+    assert {"segloss.losses.dice", "segloss.losses._fused", "segloss.engines", "segloss.transforms.array"} <= names
+    for name in sorted(names):
+        importlib.import_module(name)
+
+
+def test_no_relative_imports():
+    paths = [*MODULES, *REPO_ROOT.joinpath("tests").rglob("*.py"), *REPO_ROOT.joinpath("benchmarks").rglob("*.py")]
+    offenders = [f"{p.relative_to(REPO_ROOT)}:{line}" for p in paths for line, _, rel in _imports(p) if rel]
+    assert not offenders, f"use absolute imports (segloss.x.y): {sorted(set(offenders))}"
+
+
+@pytest.mark.parametrize(
+    "package, forbidden",
+    [
+        ("losses", ["segloss.data", "segloss.metrics", "segloss.transforms", "segloss.engines", "segloss.handlers"]),
+        ("transforms", ["segloss.losses", "segloss.engines", "segloss.handlers"]),
+        ("networks", ["segloss.losses", "segloss.data", "segloss.transforms", "segloss.engines"]),
+    ],
+)
+def test_dependencies_point_one_way(package, forbidden):
+    paths = [p for p in MODULES if p.is_relative_to(REPO_ROOT / "segloss" / package)]
+    offenders = _offenders(paths, forbidden)
+    assert not offenders, f"segloss.{package} must not depend on {forbidden}: {offenders}"
+
+
+def test_package_never_imports_bundles_or_benchmarks():
+    offenders = _offenders(MODULES, ["bundles", "benchmarks", "tests", "torchvision"])
+    assert not offenders, offenders
 
 
 def _bash_blocks(text):
@@ -43,3 +110,13 @@ def test_transforms_do_not_import_losses():
         if re.search(r"^\s*(from|import)\s+segloss\.losses", path.read_text(), flags=re.M)
     ]
     assert not offenders, f"transforms must not import losses: {offenders}"
+
+
+def test_no_docstrings_assembled_at_import_and_no_private_aten_ops():
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}: {pattern}"
+        for path in MODULES
+        for pattern in (r"__doc__\s*\+=", r"torch\.ops\.aten\.")
+        if re.search(pattern, path.read_text())
+    ]
+    assert not offenders, offenders

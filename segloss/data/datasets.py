@@ -21,7 +21,6 @@ __all__ = ["isbi2012_datalist", "nifti_datalist", "parse_sections", "resolve_dat
 
 logger = logging.getLogger(__name__)
 
-# kind -> (what a folder of that kind must contain, writer of the synthetic stand-in, where the real data comes from)
 # kind: (folder that marks the data, download helper, whether the helper takes the data folder's parent)
 _KINDS = {
     "isbi2012_em": ("images", "download_isbi2012", False),

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["CompoundLoss", "call_loss"]
+__all__ = ["WEIGHTING_KEYWORDS", "CompoundLoss", "call_loss"]
 
 
 def _accepted_kwargs(loss: nn.Module) -> set[str] | None:
@@ -19,15 +19,32 @@ def _accepted_kwargs(loss: nn.Module) -> set[str] | None:
     return {p.name for p in params}
 
 
-def call_loss(loss: nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Call ``loss(input, target, **kwargs)`` passing only the keyword arguments its ``forward`` accepts.
+# Keywords that weigh the loss: a loss that cannot take one would silently mean something else, so it raises.
+# Other keywords (an alternative target such as ``skeleton``) reach only the losses that take them.
+WEIGHTING_KEYWORDS = frozenset({"weight_map"})
 
-    Lets one ``weight_map`` reach the terms that use it (weighted CE, Dice) while plain MONAI losses in the same
-    sum are called as ``loss(input, target)``.
+
+def call_loss(loss: nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Call ``loss(input, target, **kwargs)`` with the keyword arguments its ``forward`` takes.
+
+    Lets a ``skeleton`` reach the terms that use it while plain MONAI losses in the same sum are called as
+    ``loss(input, target)``.
+
+    Raises:
+        TypeError: naming the keyword and the loss when a weighting keyword (``weight_map``) reaches a loss whose
+            ``forward`` does not take it (e.g. a Lovász loss or a plain MONAI loss): the loss would silently
+            be unweighted. In a :class:`CompoundLoss`, ``term_kwargs`` keeps it away from such a term.
     """
     if kwargs:
         accepted = _accepted_kwargs(loss)
         if accepted is not None:
+            dropped = sorted((set(kwargs) - accepted) & WEIGHTING_KEYWORDS)
+            if dropped:
+                raise TypeError(
+                    f"{type(loss).__name__}.forward takes no {', '.join(f'`{k}`' for k in dropped)}, so it would "
+                    "be left unweighted. Do not pass it to this loss, or in a CompoundLoss leave it out of this "
+                    "term's `term_kwargs` (e.g. term_kwargs={'<term>': []})."
+                )
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     return loss(input, target, **kwargs)
 
@@ -36,9 +53,11 @@ class CompoundLoss(nn.Module):
     """Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
 
     Any callable ``nn.Module`` loss works as a term (segloss or MONAI). Keyword arguments of ``forward`` (e.g.
-    ``weight_map``, ``skeleton``) go to the terms whose ``forward`` accepts them, or, for a term named in
-    ``term_kwargs``, only the keywords listed there (e.g. keep the border weight map away from a Dice term). The
-    detached value of each term from the last call is kept in :attr:`last_terms` for logging.
+    ``weight_map``, ``skeleton``) go to every term, or, for a term named in ``term_kwargs``, only the keywords
+    listed there (e.g. keep the border weight map away from a Dice term). A term whose ``forward`` does not take a
+    keyword is called without it, except ``weight_map``: that raises ``TypeError`` naming both (:func:`call_loss`)
+    unless ``term_kwargs`` leaves it out for that term, so no term is left unweighted without a word.
+    The detached value of each term from the last call is kept in :attr:`last_terms` for logging.
 
     From a MONAI bundle config::
 
@@ -56,7 +75,7 @@ class CompoundLoss(nn.Module):
         weights: a mapping name -> weight, or a sequence in the order of ``losses``; missing weights default to 1.
             Weights may be changed between steps with :meth:`set_weight` (e.g. by a schedule).
         term_kwargs: optional mapping term name -> the ``forward`` keyword names that term receives (``[]`` for
-            none); terms not named receive every keyword their ``forward`` accepts.
+            none); terms not named receive every keyword.
     """
 
     def __init__(

@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from segloss.losses import _fused
+from segloss.losses._fused import fused_paths_enabled
 from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
+    check_input_shape,
     check_reduction,
-    checked_buffer,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
 )
@@ -38,10 +39,7 @@ def check_ce_args(
     """The argument checks of :func:`weighted_cross_entropy`, for losses that hold a CE term."""
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
-    if input.ndim < 3:
-        raise ValueError(
-            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
-        )
+    check_input_shape(input)
     C = input.shape[1]
     if not sigmoid:
         if C == 1:
@@ -76,16 +74,16 @@ def weighted_cross_entropy(
         input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
     )
     eps = float(label_smoothing)
-    fused = not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
+    fused = fused_paths_enabled() and not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
     if not fused:  # the fused path checks its sum instead
         tgt.check_input(input)
     with torch.autocast(input.device.type, enabled=False):
         x = _plain(input).float().reshape(B, C, -1)
         N = x.shape[-1]
-        cw = per_class_vector(class_weight, C, "class_weight", x.device)
+        cw = per_class_weight(class_weight, "class_weight", C, x.device)
         w = tgt.weight
         if sigmoid:
-            pw = per_class_vector(pos_weight, C, "pos_weight", x.device)
+            pw = per_class_weight(pos_weight, "pos_weight", C, x.device)
             loss = _sigmoid_ce(x, tgt.labels, tgt.dense, pw, eps)
             if cw is not None:
                 loss = loss * cw.view(C, 1)
@@ -98,7 +96,7 @@ def weighted_cross_entropy(
                 w = w.amin(1, keepdim=True)  # element-wise sentinel ignore: drop a voxel with any ignored channel
             if fused:
                 v = label_voxel_weight(tgt, cw)
-                total = _LabelCrossEntropy.apply(x, tgt.labels, v)
+                total = _fused.LabelCrossEntropy.apply(x, tgt.labels, v)
                 tgt.check_input_through(total)  # NaN/Inf in the input make the sum NaN/Inf: no pass over the input
                 return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
             y = tgt.labels if tgt.labels is not None else tgt.dense
@@ -128,31 +126,6 @@ def label_voxel_weight(tgt: Target, class_weight: torch.Tensor | None) -> torch.
         return tgt.weight
     cw_t = class_weight[tgt.labels].unsqueeze(1)
     return cw_t if tgt.weight is None else tgt.weight * cw_t
-
-
-class _LabelCrossEntropy(torch.autograd.Function):
-    """``sum_v v_v (-log softmax(x_v)_{t_v})`` for logits ``x`` ``(B, C, N)``, a label map ``t`` ``(B, N)`` and voxel
-    weights ``v`` ``(B, 1, N)`` (or None), keeping no ``(B, C, N)`` tensor for the backward.
-
-    torch's cross-entropy saves the log-softmax and its backward allocates two more ``(B, C, N)`` tensors; here the
-    log-softmax is freed after the gather and the backward recomputes the softmax from ``x`` (which autograd holds
-    anyway) into the one tensor it returns: ``dL/dx_c = g v (p_c - [c == t])``. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, labels, v):
-        nll = torch.log_softmax(x, 1).gather(1, labels.unsqueeze(1)).neg_()
-        ctx.save_for_backward(x, labels, v)
-        return (nll if v is None else nll.mul_(v)).sum()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, labels, v = ctx.saved_tensors
-        grad = torch.softmax(x, 1)
-        k = g.expand(labels.shape[0], 1, labels.shape[1]) if v is None else v * g
-        grad.mul_(k).scatter_add_(1, labels.unsqueeze(1), -k)
-        return grad, None, None
 
 
 def _sigmoid_ce(
@@ -248,8 +221,8 @@ class WeightedCrossEntropyLoss(nn.Module):
             raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
         if pos_weight is not None and not sigmoid:
             raise ValueError("`pos_weight` applies to the sigmoid (binary) cross-entropy only; set `sigmoid=True`.")
-        self.register_buffer("class_weight", checked_buffer(class_weight, "class_weight"))
-        self.register_buffer("pos_weight", checked_buffer(pos_weight, "pos_weight"))
+        self.register_buffer("class_weight", per_class_weight(class_weight, "class_weight"))
+        self.register_buffer("pos_weight", per_class_weight(pos_weight, "pos_weight"))
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)
         self.sigmoid = sigmoid

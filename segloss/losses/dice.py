@@ -1,7 +1,8 @@
-"""Dice-family overlap losses, drop-ins for MONAI 1.6.1's ``DiceLoss``, ``GeneralizedDiceLoss``, ``DiceCELoss`` and
-``DiceFocalLoss`` (plus ``JaccardLoss``), on the shared input path :mod:`segloss.losses.inputs`.
+"""Dice-family overlap losses, drop-ins for MONAI 1.6.1's ``DiceLoss`` and ``GeneralizedDiceLoss`` (plus
+``JaccardLoss``); the sums with a voxel-wise term are in :mod:`segloss.losses.dice_ce` and
+:mod:`segloss.losses.dice_focal`.
 
-All per-class statistics come from :func:`~segloss.losses.inputs.class_sums`: float32 with autocast off, an integer
+All per-class statistics come from :func:`~segloss.losses.overlap.class_stats`: float32 with autocast off, an integer
 label map is never expanded to a one-hot volume (``tp`` is gathered/scattered at the labels), ``ignore_index`` and
 a per-voxel ``weight_map`` enter as one voxel weight, and ``batch=True, sync_batch=True`` all-reduces the per-class
 sums across ``torch.distributed`` ranks so N ranks give the loss of one process holding the whole batch.
@@ -17,244 +18,26 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
-from torch import nn
-from torch.autograd.function import once_differentiable
 
-from segloss.losses.cross_entropy import check_ce_args, label_voxel_weight, weighted_cross_entropy
-from segloss.losses.focal import focal_loss
 from segloss.losses.inputs import (
     Target,
     Weight,
-    _plain,
-    activate,
-    all_reduce_sum,
-    batch_sums,
     check_reduction,
-    check_sync_batch,
-    checked_buffer,
-    class_sums,
-    first_class,
-    label_sums,
-    per_class_vector,
-    prepare_target,
+    per_class_weight,
     reduce_loss,
     safe_ratio,
-    validate_act_args,
+)
+from segloss.losses.overlap import (
+    ClassStats,
+    OverlapLossBase,
+    check_options,
+    class_stats,
+    empty_to_fp_rate,
 )
 
-__all__ = [
-    "DiceCELoss",
-    "DiceFocalLoss",
-    "DiceLoss",
-    "GeneralizedDiceLoss",
-    "JaccardLoss",
-    "dice_ce_loss",
-    "dice_focal_loss",
-    "dice_loss",
-    "generalized_dice_loss",
-]
-
-EMPTY_TARGET = ("smooth", "fp_rate")
-
-
-class ClassStats(NamedTuple):
-    """Per-class soft confusion sums of the classes used, ``(B, n)`` or (``batch``) ``(n,)``, float32.
-
-    ``count`` is the (weighted) number of valid voxels behind each entry, broadcastable to ``tp``; it is only
-    computed when asked for (``empty_target="fp_rate"``). ``ce_sum`` is the fused cross-entropy sum
-    ``sum_v w_v cw_t (-log p_t)`` and ``ce_den`` its ``"mean"`` denominator ``sum_v w_v cw_t`` (torch's weighted
-    mean) when asked for and the fused path applies, else None.
-    """
-
-    tp: torch.Tensor
-    pred_sum: torch.Tensor
-    target_sum: torch.Tensor
-    count: torch.Tensor | None
-    spatial_ndim: int
-    ce_sum: torch.Tensor | None = None
-    ce_den: torch.Tensor | None = None
-
-
-class _SoftmaxLabelStats(torch.autograd.Function):
-    """Softmax + per-class sums of :func:`~segloss.losses.inputs.class_sums` for an integer label map ``t``, with
-    an optional fused cross-entropy sum, and a closed-form backward that allocates one ``(B, C, N)`` tensor (on
-    the CPU).
-
-    Autograd through ``softmax -> gather/scatter/sum`` keeps ``p``, a scattered gradient, their sum and the
-    softmax gradient alive at once; here only ``p`` (and, for the second form below, the ``(B, N)`` probability at
-    the label) is saved. With ``a = dL/dP``, ``b = dL/dtp`` (``(B, C)``) and voxel weight ``w``, the gradient with
-    respect to ``p_c`` is ``G_c = w (a_c + [c == t] b_t)``: column ``t`` of the ``(C, C)`` table ``a 1^T + diag(b)``
-    of its item. The backward gathers it into the output buffer and runs torch's softmax backward
-    ``p_c (G_c - sum_k p_k G_k)`` there in place (one fused pass on the CPU, which reads each element before
-    writing it; the CUDA kernel reads a temporary ``G p`` instead), then multiplies by ``w``.
-
-    With ``squared_pred`` or the fused cross-entropy, with the CE voxel weight ``v = w cw_t`` (class weight of the
-    label) and ``k_v = dL/dCE v_v``, it uses the closed form::
-
-        H_c = w p_c a_c (2 p_c a_c with squared_pred) + [c == t] w p_t b_t
-        dL/dx_c = H_c - p_c sum_k H_k + k (p_c - [c == t])
-
-    where ``sum_k w p_k a_k`` is one ``(1, C) @ (C, N)`` product per item (the CE term has no table form: it
-    would divide by ``p_t``). ``batch`` / ``sync_batch`` reduce the sums as
-    :func:`~segloss.losses.inputs.batch_sums` does; the backward then broadcasts the ``(C,)`` gradients over the
-    batch and, with ``sync_batch``, all-reduces them as the autograd all-reduce would. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, xin, tgt, squared_pred, batch, sync_batch, ce_voxel_weight, with_ce):
-        x = xin.reshape(*xin.shape[:2], -1)
-        ctx.in_shape = xin.shape
-        labels, w = tgt.labels, tgt.weight  # (B, N), (B, 1, N) or None
-        ce_sum = x.new_zeros(())
-        if with_ce:
-            p = torch.log_softmax(x, 1)
-            nll = -p.gather(1, labels.unsqueeze(1))  # (B, 1, N)
-            ce_sum = (nll if ce_voxel_weight is None else nll * ce_voxel_weight).sum()
-            p = p.exp_()  # one (B, C, N) buffer for log p, then p
-        else:
-            p = torch.softmax(x, 1)
-        tp, ps, ts, pw_at_label = label_sums(p, labels, w, squared_pred=squared_pred)
-        tp, ps, ts = batch_sums(tp, ps, ts, batch=batch, sync_batch=sync_batch)
-        via_table = not (squared_pred or with_ce)
-        ctx.save_for_backward(p, labels, w, ce_voxel_weight, None if via_table else pw_at_label)
-        ctx.flags = (via_table, squared_pred, batch, sync_batch, with_ce)
-        ctx.mark_non_differentiable(ts)
-        return tp, ps, ts, ce_sum
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_tp, g_ps, _g_ts, g_ce):
-        p, labels, w, ce_voxel_weight, pw_at_label = ctx.saved_tensors
-        via_table, squared_pred, batch, sync_batch, with_ce = ctx.flags
-        if sync_batch:
-            g_tp, g_ps = all_reduce_sum(torch.stack([g_tp, g_ps])).unbind(0)
-        B = p.shape[0]
-        if batch:
-            g_tp, g_ps = g_tp.expand(B, -1), g_ps.expand(B, -1)
-        grad_in = p.new_empty(ctx.in_shape)
-        grad = grad_in.view(p.shape)
-        if via_table:
-            table = g_ps.unsqueeze(-1) + torch.diag_embed(g_tp)  # (B, C, C): column k = dL/dp of a voxel of label k
-            torch.gather(table, 2, labels.unsqueeze(1).expand(p.shape), out=grad)
-            # in place: the kernels read each element of G (CPU) or of their own G p (CUDA) before writing it
-            torch.ops.aten._softmax_backward_data.out(grad, p, 1, p.dtype, grad_input=grad)
-            if w is not None:
-                grad.mul_(w)
-            return grad_in, None, None, None, None, None, None
-        a = g_ps.unsqueeze(-1)  # (B, C, 1)
-        if squared_pred:
-            torch.mul(p, a, out=grad).mul_(p).mul_(2)  # H without the label term
-            if w is not None:
-                grad.mul_(w)
-            h_sum = grad.sum(1, keepdim=True)
-        else:  # sum_k w p_k a_k as a matrix product: one read of p
-            h_sum = torch.bmm(g_ps.unsqueeze(1), p)
-            if w is not None:
-                h_sum = h_sum * w
-        at_label = (pw_at_label * g_tp.gather(1, labels)).unsqueeze(1)  # w p_t b_t, (B, 1, N)
-        coef = h_sum.add_(at_label)  # sum_k H_k
-        if with_ce:  # without the CE term k is 0: skip its two passes
-            k = g_ce.expand(B, 1, labels.shape[1]) if ce_voxel_weight is None else g_ce * ce_voxel_weight
-            coef, at_label = coef - k, at_label - k
-        if squared_pred:
-            grad.addcmul_(p, coef, value=-1)
-        else:  # p_c (w a_c - coef): broadcast into the output, then one product with p
-            if w is None:
-                torch.sub(a, coef, out=grad)
-            else:
-                torch.mul(w, a, out=grad).sub_(coef)
-            grad.mul_(p)
-        grad.scatter_add_(1, labels.unsqueeze(1), at_label)
-        return grad_in, None, None, None, None, None, None
-
-
-def check_options(empty_target: str, batch: bool, sync_batch: bool) -> None:
-    if empty_target not in EMPTY_TARGET:
-        raise ValueError(f"`empty_target` must be one of {EMPTY_TARGET}, got {empty_target!r}.")
-    check_sync_batch(batch, sync_batch)
-
-
-def class_stats(
-    input: torch.Tensor,
-    target: torch.Tensor | Target,
-    weight_map: torch.Tensor | None = None,
-    *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    ignore_index: int | None = None,
-    batch: bool = False,
-    squared_pred: bool = False,
-    soft_label: bool = False,
-    sync_batch: bool = False,
-    with_count: bool = False,
-    with_ce: bool = False,
-    ce_weight: Weight = None,
-) -> ClassStats:
-    """Validate, activate and reduce ``input`` ``(B, C, *)`` against ``target`` to :class:`ClassStats`.
-
-    The shared front half of every overlap loss here. A one-channel ``input`` takes a ``(B, *)`` target as a
-    binary mask (as ``(B, 1, *)``), not as class indices. ``include_background=False`` drops channel 0 after the
-    activation (MONAI; ignored with a warning for one channel).
-
-    ``softmax`` with a label map takes the fused path (:class:`_SoftmaxLabelStats`); there ``with_ce`` also
-    returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
-    """
-    validate_act_args(sigmoid, softmax, other_act)
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
-    ce_sum = ce_den = None
-    if softmax and tgt.is_labels:  # the common multi-class case: fused, memory-lean softmax + sums (+ CE)
-        B, C = input.shape[:2]
-        with torch.autocast(input.device.type, enabled=False):
-            x = _plain(input).float()  # unflattened: the backward then returns a gradient that is not a view
-            v = None  # the CE weight of each voxel, computed once for the sum, its "mean" and the backward
-            if with_ce:
-                v = label_voxel_weight(tgt, per_class_vector(ce_weight, C, "weight", x.device))
-            tp, ps, ts, ce_sum = _SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
-        tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
-        if with_ce:
-            ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
-        else:
-            ce_sum = None
-    else:
-        tgt.check_input(input)
-        p = activate(input, sigmoid=sigmoid, softmax=softmax, other_act=other_act)
-        if p.shape != input.shape:
-            raise ValueError(f"`other_act` must keep the input's shape {tuple(input.shape)}, got {tuple(p.shape)}.")
-        tp, ps, ts = class_sums(
-            p, tgt, batch=batch, squared_pred=squared_pred, soft_label=soft_label, sync_batch=sync_batch
-        )
-    start = first_class(include_background, input.shape[1])
-    count = _count(input, tgt, batch, sync_batch) if with_count else None
-    if start:
-        tp, ps, ts = tp[..., start:], ps[..., start:], ts[..., start:]
-        if count is not None and count.shape[-1] > 1:
-            count = count[..., start:]
-    return ClassStats(tp, ps, ts, count, input.ndim - 2, ce_sum, ce_den)
-
-
-def _count(x: torch.Tensor, tgt: Target, batch: bool, sync_batch: bool) -> torch.Tensor:
-    """Weighted number of valid voxels per (item, class): ``(B, 1)``/``(B, C)``, or ``(1,)``/``(C,)`` with batch."""
-    w = tgt.weight
-    count = torch.full((x.shape[0], 1), float(x[0, 0].numel()), device=x.device) if w is None else w.sum(-1)
-    if batch:
-        count = count.sum(0)
-        if sync_batch:
-            count = all_reduce_sum(count)
-    return count
-
-
-def empty_to_fp_rate(f: torch.Tensor, s: ClassStats) -> torch.Tensor:
-    """``empty_target="fp_rate"``: where a class is absent from the target (``target_sum == 0``) the loss is
-    ``pred_sum / count``, the mean predicted probability over the valid voxels (0 if none is valid)."""
-    return torch.where(s.target_sum == 0, safe_ratio(s.pred_sum, s.count), f)
+__all__ = ["DiceLoss", "GeneralizedDiceLoss", "JaccardLoss", "dice_from_stats", "dice_loss", "generalized_dice_loss"]
 
 
 def dice_loss(
@@ -318,7 +101,7 @@ def dice_from_stats(
         f = empty_to_fp_rate(f, s)
     n = tp.shape[-1]
     if weight is not None and n != 1:  # MONAI applies the class weight only with more than one class
-        f = f * per_class_vector(weight, n, "weight", f.device)
+        f = f * per_class_weight(weight, "weight", n, f.device)
     return reduce_loss(f, reduction, s.spatial_ndim)
 
 
@@ -390,214 +173,6 @@ def _check_w_type(w_type: str) -> str:
     return w_type
 
 
-def _check_lambda(value: float, name: str) -> float:
-    value = float(value)
-    if not value >= 0.0:
-        raise ValueError(f"{name} should be no less than 0.0.")
-    return value
-
-
-def dice_ce_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight_map: torch.Tensor | None = None,
-    *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    reduction: str = "mean",
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    batch: bool = False,
-    weight: Weight = None,
-    lambda_dice: float = 1.0,
-    lambda_ce: float = 1.0,
-    label_smoothing: float = 0.0,
-    ignore_index: int | None = None,
-    sync_batch: bool = False,
-    empty_target: str = "smooth",
-    sigmoid_ce: bool = False,
-    ce_weighted_mean: bool = False,
-) -> torch.Tensor:
-    """Functional form of :class:`DiceCELoss` (same arguments; see there)."""
-    reduction = check_reduction(reduction)
-    if reduction == "none":
-        raise ValueError('`reduction` must be "mean" or "sum" for DiceCELoss (as MONAI), got "none".')
-    lambda_dice, lambda_ce = _check_lambda(lambda_dice, "lambda_dice"), _check_lambda(lambda_ce, "lambda_ce")
-    C = input.shape[1] if input.ndim >= 2 else 1
-    dice_weight = weight
-    if weight is not None and not include_background:
-        dice_weight = torch.as_tensor(weight)
-        dice_weight = dice_weight[1:] if dice_weight.ndim else dice_weight  # MONAI: the CE weight without class 0
-    check_options(empty_target, batch, sync_batch)
-    bce = C == 1 or (sigmoid_ce and sigmoid)
-    ce_smoothing = label_smoothing if C > 1 else 0.0  # MONAI's BCE term of one channel has no smoothing
-    check_ce_args(input, weight_map, label_smoothing=ce_smoothing, sigmoid=bce, pos_weight=weight if bce else None)
-    # one prepared target (checks, ignore mask, weight map) for both terms; the Dice term checks the input (on its
-    # sums in the fused path), before the CE term reads it
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
-    s = class_stats(
-        input,
-        tgt,
-        include_background=include_background,
-        sigmoid=sigmoid,
-        softmax=softmax,
-        other_act=other_act,
-        batch=batch,
-        squared_pred=squared_pred,
-        sync_batch=sync_batch,
-        with_count=empty_target == "fp_rate",
-        with_ce=not bce and label_smoothing == 0,
-        ce_weight=weight,
-    )
-    dice = dice_from_stats(s, jaccard, smooth_nr, smooth_dr, dice_weight, empty_target, reduction)
-    if s.ce_sum is not None:  # softmax + label map: the CE came from the same softmax
-        ce = s.ce_sum if reduction == "sum" else safe_ratio(s.ce_sum, s.ce_den)
-        return lambda_dice * dice + lambda_ce * ce
-    if bce:
-        # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing for one channel
-        ce = weighted_cross_entropy(
-            input, tgt, sigmoid=True, pos_weight=weight, label_smoothing=ce_smoothing, reduction=reduction
-        )
-    else:
-        dense_mean = weight is not None and reduction == "mean" and not ce_weighted_mean and not tgt.is_labels
-        ce = weighted_cross_entropy(
-            input,
-            tgt,
-            class_weight=weight,
-            label_smoothing=label_smoothing,
-            reduction="sum" if dense_mean else reduction,
-        )
-        if dense_mean:
-            # torch (so MONAI) divides a class-weighted CE with probability targets by the voxel count
-            voxels = input[:, 0].numel() if tgt.weight is None else tgt.weight.amin(1).sum()
-            ce = safe_ratio(ce, voxels)
-    return lambda_dice * dice + lambda_ce * ce
-
-
-def dice_focal_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight_map: torch.Tensor | None = None,
-    *,
-    include_background: bool = True,
-    to_onehot_y: bool = False,
-    sigmoid: bool = False,
-    softmax: bool = False,
-    other_act: Callable | None = None,
-    squared_pred: bool = False,
-    jaccard: bool = False,
-    reduction: str = "mean",
-    smooth_nr: float = 1e-5,
-    smooth_dr: float = 1e-5,
-    batch: bool = False,
-    gamma: float = 2.0,
-    weight: Weight = None,
-    lambda_dice: float = 1.0,
-    lambda_focal: float = 1.0,
-    alpha: Weight = None,
-    ignore_index: int | None = None,
-    sync_batch: bool = False,
-    empty_target: str = "smooth",
-    use_softmax: bool = False,
-) -> torch.Tensor:
-    """Functional form of :class:`DiceFocalLoss` (same arguments; see there)."""
-    lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
-    lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
-    common = dict(include_background=include_background, weight=weight, reduction=reduction)
-    # one prepared target (checks, ignore mask, weight map) for both terms
-    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
-    # ce_mean: "mean" divides by the valid voxels whether or not ignore_index is set (ignoring == cropping).
-    # The focal term goes first: backward then runs the Dice term's first, and its gradient buffer receives the
-    # focal gradient in place, so two full-size tensors (not three) are alive at the peak.
-    focal = focal_loss(input, tgt, gamma=gamma, alpha=alpha, use_softmax=use_softmax, ce_mean=True, **common)
-    dice = dice_loss(
-        input,
-        tgt,
-        sigmoid=sigmoid,
-        softmax=softmax,
-        other_act=other_act,
-        squared_pred=squared_pred,
-        jaccard=jaccard,
-        smooth_nr=smooth_nr,
-        smooth_dr=smooth_dr,
-        batch=batch,
-        sync_batch=sync_batch,
-        empty_target=empty_target,
-        **common,
-    )
-    return lambda_dice * dice + lambda_focal * focal
-
-
-class OverlapLossBase(nn.Module):
-    """Holds the options shared by the Dice-family modules and checks them once, at construction."""
-
-    def _set_common(
-        self,
-        include_background,
-        to_onehot_y,
-        sigmoid,
-        softmax,
-        other_act,
-        reduction,
-        smooth_nr,
-        smooth_dr,
-        batch,
-        ignore_index,
-        sync_batch,
-        empty_target,
-    ) -> None:
-        validate_act_args(sigmoid, softmax, other_act)
-        check_options(empty_target, batch, sync_batch)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
-        self.reduction = check_reduction(reduction)
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.batch = batch
-        self.ignore_index = ignore_index
-        self.sync_batch = sync_batch
-        self.empty_target = empty_target
-
-    def _common(self) -> dict:
-        names = ("include_background", "to_onehot_y", "sigmoid", "softmax", "other_act", "reduction", "smooth_nr")
-        names += ("smooth_dr", "batch", "ignore_index", "sync_batch", "empty_target")
-        return {k: getattr(self, k) for k in names}
-
-
-OVERLAP_ARGS_DOC = """
-        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
-        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
-            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
-        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
-        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
-        batch: sum the statistics over the batch before the ratio (one value per class).
-        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
-            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
-        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
-            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
-        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`."""
-
-_EMPTY_DOC = """
-    **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
-    ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
-    confident *correct* prediction of 3e-7 per voxel over 1e6 voxels still costs ~0.99 and the gradient pushes
-    an already-empty prediction (``empty_target="smooth"``, the default). ``empty_target="fp_rate"`` instead makes
-    the loss of such an entry the mean predicted probability over its valid voxels, ``sum_v w_v p_v / sum_v w_v``
-    (``p^2`` with ``squared_pred``): 3e-7 costs ~3e-7, predicting 1 everywhere costs 1, and with every voxel
-    ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch."""
-
-
 class DiceLoss(OverlapLossBase):
     """Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
 
@@ -612,19 +187,32 @@ class DiceLoss(OverlapLossBase):
     ``"none"`` gives MONAI's broadcastable ``(B, n, 1, ...)`` (``(n, 1, ...)`` with ``batch``). ``soft_label``
     uses the L1/L2-norm form of ``tp`` (Wang & Blaschko 2023), exact for soft targets. Every value and input
     gradient equals MONAI's for the options MONAI has.
-    """
 
-    __doc__ += (
-        _EMPTY_DOC
-        + """
+    **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
+    ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
+    confident *correct* prediction of 3e-7 per voxel over 1e6 voxels still costs ~0.99 and the gradient pushes
+    an already-empty prediction (``empty_target="smooth"``, the default). ``empty_target="fp_rate"`` instead makes
+    the loss of such an entry the mean predicted probability over its valid voxels, ``sum_v w_v p_v / sum_v w_v``
+    (``p^2`` with ``squared_pred``): 3e-7 costs ~3e-7, predicting 1 everywhere costs 1, and with every voxel
+    ignored it is 0. With ``batch=True`` "empty" means empty over the whole (synced) batch.
 
     Beyond MONAI: ``weight_map`` in :meth:`forward`, ``sync_batch``, ``empty_target``; label maps never expanded
     to one-hot (with ``softmax=True`` the softmax and sums have a closed-form backward that keeps only the
     probabilities and the input gradient); float32 sums under autocast; ``ValueError`` naming the bad argument.
 
-    Args:"""
-        + OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         squared_pred: square ``p`` and ``g`` in the denominator.
         jaccard: soft Jaccard (IoU) instead of Dice.
         weight: class weight, scalar or one value per class used (``C - 1`` without background), >= 0.
@@ -635,7 +223,6 @@ class DiceLoss(OverlapLossBase):
         loss = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
         value = loss(logits, label)  # logits (B,C,H,W[,D]), label (B,1,H,W[,D]) integer
     """
-    )
 
     def __init__(
         self,
@@ -659,23 +246,23 @@ class DiceLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.squared_pred = squared_pred
         self.jaccard = jaccard
         self.soft_label = soft_label
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
@@ -727,15 +314,22 @@ class GeneralizedDiceLoss(OverlapLossBase):
     voxels, so false positives are penalised there (individual empty classes keep MONAI's max weight, which
     already counts their false positives in the denominator).
 
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         soft_label: exact formulation for soft (non-binary) targets.
     """
-    )
 
     def __init__(
         self,
@@ -757,18 +351,18 @@ class GeneralizedDiceLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.w_type = _check_w_type(w_type)
         self.soft_label = soft_label
@@ -779,218 +373,4 @@ class GeneralizedDiceLoss(OverlapLossBase):
         """Shapes as :meth:`DiceLoss.forward`."""
         return generalized_dice_loss(
             input, target, weight_map, w_type=self.w_type, soft_label=self.soft_label, **self._common()
-        )
-
-
-class DiceCELoss(OverlapLossBase):
-    """``lambda_dice * Dice + lambda_ce * cross-entropy``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceCELoss``.
-
-    The Dice term is :func:`dice_loss`; the CE term is :func:`~segloss.losses.cross_entropy.weighted_cross_entropy`
-    on the raw logits (the activation options act on the Dice term only). ``reduction`` is ``"mean"`` or
-    ``"sum"`` (MONAI has no ``"none"`` here). ``ignore_index`` and ``weight_map`` reach both terms.
-
-    MONAI conventions kept (defaults), with the opt-outs:
-
-    - one input channel: the CE term is ``BCEWithLogits`` with ``weight`` as its ``pos_weight`` and no label
-      smoothing. With ``C > 1`` it is the softmax CE even when ``sigmoid=True`` (multi-label targets are then read
-      as probabilities); ``sigmoid_ce=True`` uses BCE (``pos_weight=weight``, smoothed) whenever ``sigmoid=True``.
-    - ``weight`` has one entry per channel (``C``) and is the CE class weight; with
-      ``include_background=False`` the Dice term gets ``weight[1:]``.
-    - CE ``"mean"`` with ``weight``: for a label map it is torch's weighted mean ``sum w_y l / sum w_y``; for a
-      dense (one-hot) target torch divides by the voxel count instead. ``ce_weighted_mean=True`` uses the
-      weighted mean for dense targets too (a one-hot target then gives the label map's value).
-
-    Beyond MONAI: ``ignore_index`` (MONAI's DiceCELoss has none), ``weight_map``, ``sync_batch`` and
-    ``empty_target`` (Dice term). With ``softmax=True``, a label map and no label smoothing both terms share one
-    log-softmax buffer and a closed-form backward (about half MONAI's peak memory).
-
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
-        squared_pred, jaccard: as :class:`DiceLoss`.
-        weight: per-class weight (length ``C``) or scalar: CE class weight (BCE ``pos_weight`` for one channel)
-            and Dice class weight (``weight[1:]`` without background).
-        lambda_dice, lambda_ce: term weights, >= 0.
-        label_smoothing: CE label smoothing in [0, 1] (not applied to MONAI's one-channel BCE).
-        sigmoid_ce, ce_weighted_mean: see above (default False = MONAI).
-
-    Example::
-
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        value = loss(logits, label, weight_map=border_weights)
-    """
-    )
-
-    def __init__(
-        self,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable | None = None,
-        squared_pred: bool = False,
-        jaccard: bool = False,
-        reduction: str = "mean",
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        batch: bool = False,
-        weight: Weight = None,
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 1.0,
-        label_smoothing: float = 0.0,
-        *,
-        ignore_index: int | None = None,
-        sync_batch: bool = False,
-        empty_target: str = "smooth",
-        sigmoid_ce: bool = False,
-        ce_weighted_mean: bool = False,
-    ) -> None:
-        super().__init__()
-        self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
-        )
-        if self.reduction == "none":
-            raise ValueError('`reduction` must be "mean" or "sum" for DiceCELoss (as MONAI), got "none".')
-        if not 0.0 <= float(label_smoothing) <= 1.0:
-            raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing}.")
-        self.squared_pred = squared_pred
-        self.jaccard = jaccard
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
-        self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
-        self.lambda_ce = _check_lambda(lambda_ce, "lambda_ce")
-        self.label_smoothing = float(label_smoothing)
-        self.sigmoid_ce = sigmoid_ce
-        self.ce_weighted_mean = ce_weighted_mean
-
-    def forward(
-        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Shapes as :meth:`DiceLoss.forward`; ``input`` must be logits (the CE term takes them raw)."""
-        return dice_ce_loss(
-            input,
-            target,
-            weight_map,
-            squared_pred=self.squared_pred,
-            jaccard=self.jaccard,
-            weight=self.class_weight,
-            lambda_dice=self.lambda_dice,
-            lambda_ce=self.lambda_ce,
-            label_smoothing=self.label_smoothing,
-            sigmoid_ce=self.sigmoid_ce,
-            ce_weighted_mean=self.ce_weighted_mean,
-            **self._common(),
-        )
-
-
-class DiceFocalLoss(OverlapLossBase):
-    """``lambda_dice * Dice + lambda_focal * focal``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceFocalLoss``.
-
-    The Dice term is :func:`dice_loss`; the focal term is :func:`~segloss.losses.focal.focal_loss` on the raw
-    logits. As MONAI 1.6.1 (which has no ``use_softmax`` here) the focal term is the **sigmoid** (per-channel
-    binary) focal loss, also with ``softmax=True``; ``use_softmax=True`` takes the softmax focal loss instead
-    (one class per voxel; its ``"mean"`` then divides by the valid voxels, like ``F.cross_entropy`` at
-    ``gamma = 0``). ``include_background``, ``weight`` (one entry per channel *used*, ``C - 1`` without
-    background), ``alpha`` and ``reduction`` reach both terms as in MONAI; ``"none"`` is the broadcast sum of
-    Dice ``(B, n, 1, ...)`` and focal ``(B, n, *spatial)``.
-
-    ``ignore_index`` and ``weight_map`` (not in MONAI's DiceFocalLoss) reach both terms; the focal ``"mean"``
-    always divides by the (weighted) valid voxel count times the channels used, so ignoring voxels equals
-    cropping them (MONAI's FocalLoss drops the channel factor once ``ignore_index`` is set).
-
-    Args:"""
-
-    __doc__ += (
-        OVERLAP_ARGS_DOC
-        + """
-        squared_pred, jaccard: as :class:`DiceLoss`.
-        gamma: focal exponent, >= 0.
-        weight: class weight (scalar or one per channel used) for both terms.
-        lambda_dice, lambda_focal: term weights, >= 0.
-        alpha: focal alpha (MONAI's conventions, see :class:`~segloss.losses.focal.FocalLoss`).
-        use_softmax: softmax focal term instead of MONAI's sigmoid one.
-    """
-    )
-
-    def __init__(
-        self,
-        include_background: bool = True,
-        to_onehot_y: bool = False,
-        sigmoid: bool = False,
-        softmax: bool = False,
-        other_act: Callable | None = None,
-        squared_pred: bool = False,
-        jaccard: bool = False,
-        reduction: str = "mean",
-        smooth_nr: float = 1e-5,
-        smooth_dr: float = 1e-5,
-        batch: bool = False,
-        gamma: float = 2.0,
-        weight: Weight = None,
-        lambda_dice: float = 1.0,
-        lambda_focal: float = 1.0,
-        alpha: float | None = None,
-        *,
-        ignore_index: int | None = None,
-        sync_batch: bool = False,
-        empty_target: str = "smooth",
-        use_softmax: bool = False,
-    ) -> None:
-        super().__init__()
-        self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
-        )
-        self.squared_pred = squared_pred
-        self.jaccard = jaccard
-        self.gamma = float(gamma)
-        if not self.gamma >= 0:
-            raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
-        self.lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
-        self.lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
-        if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
-        self.alpha = None if alpha is None else float(alpha)
-        self.use_softmax = use_softmax
-
-    def forward(
-        self, input: torch.Tensor, target: torch.Tensor, weight_map: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Shapes as :meth:`DiceLoss.forward`; ``input`` must be logits (the focal term takes them raw)."""
-        return dice_focal_loss(
-            input,
-            target,
-            weight_map,
-            squared_pred=self.squared_pred,
-            jaccard=self.jaccard,
-            gamma=self.gamma,
-            weight=self.class_weight,
-            lambda_dice=self.lambda_dice,
-            lambda_focal=self.lambda_focal,
-            alpha=self.alpha,
-            use_softmax=self.use_softmax,
-            **self._common(),
         )

@@ -6,10 +6,10 @@ training concentrates on the hard ones. By default every number (value, gradient
 conventions are documented on :class:`FocalLoss` and each has an opt-out.
 
 Softmax focal with an integer label map is fused: one ``log_softmax``, ``log p_t`` gathered at the label (no
-one-hot), and a closed-form backward from the saved log-probabilities (:class:`_SoftmaxFocalAtLabel`), so it
+one-hot), and a closed-form backward from the saved log-probabilities (:class:`_fused.SoftmaxFocalAtLabel`), so it
 costs about one ``F.cross_entropy`` instead of MONAI's one-hot tensor plus several full-size intermediates.
 Sigmoid focal with a label map (the focal term of ``DiceFocalLoss``) is fused as well
-(:class:`_SigmoidFocalAtLabel`): it saves only the logits and labels, recomputes in backward, and loops over
+(:class:`_fused.SigmoidFocalAtLabel`): it saves only the logits and labels, recomputes in backward, and loops over
 channels and column blocks, so its only full-size allocation is the input gradient. Dense targets take the
 plain autograd path.
 """
@@ -22,56 +22,27 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from segloss.losses import _fused
+from segloss.losses._fused import fused_paths_enabled
 from segloss.losses.inputs import (
     Target,
     Weight,
     _plain,
     check_reduction,
-    checked_buffer,
     first_class,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
 )
 
-__all__ = ["FocalLoss", "focal_loss"]
+__all__ = ["FocalLoss", "focal_loss", "set_alpha"]
 
 
-class _SoftmaxFocalAtLabel(torch.autograd.Function):
-    """Per-voxel softmax focal term at the label: logits ``(B, C, N)``, labels ``(B, N)`` -> ``(B, N)``.
-
-    Forward: ``f(p_t) = -(1 - p_t)^gamma log p_t`` with ``log p = log_softmax(x)``. Backward in closed form,
-    saving only ``log p`` (as ``F.cross_entropy`` does)::
-
-        df/dx_c = p_t f'(p_t) ([c == t] - p_c),   p f'(p) = (1 - p)^gamma (gamma p log(p) / (1 - p) - 1)
-
-    where ``log(p) / (1 - p) -> -1`` as ``p -> 1`` (so ``gamma < 1`` stays finite), and ``1 - p_t`` is
-    ``-expm1(log p_t)``, accurate near ``p_t = 1``. The forward's per-voxel factors ``1 - p_t`` and its power are
-    saved for the backward (each ``(B, N)``, ``1/C`` of the log-probabilities). Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
-        logp = torch.log_softmax(logits, 1)
-        logp_t = logp.gather(1, labels.unsqueeze(1)).squeeze(1)
-        q = torch.expm1(logp_t).neg_()  # 1 - p_t
-        q_gamma = q.pow(gamma)
-        ctx.save_for_backward(logp, labels, logp_t, q, q_gamma)
-        ctx.gamma = gamma
-        return (q_gamma * logp_t).neg_()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logp, labels, logp_t, q, q_gamma = ctx.saved_tensors
-        gamma = ctx.gamma
-        log_ratio = torch.where(q > 0, logp_t / q, -1.0)
-        coef = grad * q_gamma * (gamma * (1 - q) * log_ratio - 1)  # grad * p_t f'(p_t)
-        grad_logits = logp.exp().mul_(-coef.unsqueeze(1))
-        grad_logits.scatter_add_(1, labels.unsqueeze(1), coef.unsqueeze(1))
-        return grad_logits, None, None
+def _softmax_focal_at_label(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The plain autograd form of :class:`_fused.SoftmaxFocalAtLabel`: ``-(1 - p_t)^gamma log p_t``, ``(B, N)``."""
+    logp_t = torch.log_softmax(logits, 1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    return -torch.expm1(logp_t).neg().pow(gamma) * logp_t
 
 
 def _pad(vec: torch.Tensor | None, n: int, start: int, like: torch.Tensor) -> torch.Tensor:
@@ -85,100 +56,22 @@ def _times(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     return b if a is None else a if b is None else a * b
 
 
-_MIN_BLOCK = 1 << 16
-
-
-def _blocks(x: torch.Tensor, labels: torch.Tensor, start: int, n_buffers: int):
-    """``(c, columns, mask, buffers)`` over the channels ``c >= start`` of ``(B, C, N)`` logits and blocks of
-    columns: ``mask = labels[:, columns] == c`` marks the block's positives (voxels labelled ``c``) and
-    ``buffers`` are ``n_buffers`` float work tensors of the block's shape ``(B, K)``.
-
-    A block is one channel's slice of at most ``max(B C N / 8, 2^16)`` elements, so the temporaries stay well
-    below the input's size while few enough blocks keep kernel launches (and CPU intra-op thread hand-offs) few.
-    The work tensors are allocated once and reused through ``out=`` / in-place ops: per-block allocations would
-    leave a fragmented CPU heap several blocks large behind them."""
-    B, C, N = x.shape
-    step = min(N, max(1, max(x.numel() // 8, _MIN_BLOCK) // B))
-    work = x.new_empty(n_buffers, B * step)
-    mask_work = torch.empty(B * step, dtype=torch.bool, device=x.device)
-    for i in range(0, N, step):
-        cols = slice(i, min(i + step, N))
-        size = B * (cols.stop - i)
-        buffers = [buf[:size].view(B, -1) for buf in work]
-        mask = mask_work[:size].view(B, -1)
-        t = labels[:, cols]
-        for c in range(start, C):
-            yield c, cols, torch.eq(t, c, out=mask), buffers
-
-
-def _focal_parts(x: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, sp: torch.Tensor) -> None:
-    """``sp = softplus(z)`` and ``z = logsigmoid(z) = z - softplus(z)``, written into the given buffers, for
-    ``z = -x`` at ``mask`` (positives) and ``z = x`` elsewhere (negatives): the element's BCE is ``softplus(z)``
-    and its ``1 - p_t`` is ``sigmoid(z)``."""
-    torch.addcmul(x, x, mask, value=-2, out=z)
-    torch.logaddexp(z, z.new_zeros(()), out=sp)
-    z.sub_(sp)
-
-
-class _SigmoidFocalAtLabel(torch.autograd.Function):
-    """Sigmoid focal loss of logits ``(B, C, *)`` (spatial dims flattened to ``N`` here) against a label map
-    ``(B, N)`` standing for one-hot channels, over the channels ``c >= start``: ``(B, N)`` summed over them, or
-    per element ``(B, C - start, N)``.
-
-    Per element, ``z = -x`` for the label's channel (a positive) and ``z = x`` for the others (negatives)::
-
-        l = a f(z),  f(z) = softplus(z) sigmoid(z)^gamma = softplus(z) exp(gamma logsigmoid(z))
-        dl/dx = -+ a f'(z),  f'(z) = sigmoid(z)^gamma (sigmoid(z) + gamma softplus(z) sigmoid(-z))
-
-    (``-`` for positives), ``a = factors[0, c - start]`` for positives and ``factors[1, c - start]`` for
-    negatives (alpha times class weight; 1 if ``factors`` is None). Each factor is a product of bounded terms
-    (``sigmoid(-z) softplus(z) <= 1``), so values and gradients are finite for any finite logit and ``gamma >= 0``.
-
-    Autograd through the same maths keeps ~7 ``(B, C, N)`` tensors in forward and allocates ~10 in backward.
-    Here backward saves only the logits and labels and recomputes, and both passes loop over the channels and
-    column blocks (:func:`_blocks`): each element is still read once per pass, but the temporaries are one
-    block's, so the only full-size allocation is the input gradient (plus the output for ``per_element``).
-    The logits are flattened inside, so that the gradient returned is not a view: autograd can then add another
-    term's gradient (DiceFocal's Dice) into it in place instead of allocating their sum. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, input, labels, gamma, start, factors, per_element):
-        x = input.reshape(*input.shape[:2], -1)
-        B, C, N = x.shape
-        out = x.new_zeros(B, C - start, N) if per_element else x.new_zeros(B, N)
-        for c, cols, mask, (z, sp, a) in _blocks(x, labels, start, 3):
-            _focal_parts(x[:, c, cols], mask, z, sp)
-            e = z.mul_(gamma).exp_()  # sigmoid(z)^gamma
-            if factors is not None:
-                e.mul_(torch.where(mask, factors[0, c - start], factors[1, c - start], out=a))
-            (out[:, c - start, cols] if per_element else out[:, cols]).addcmul_(sp, e)
-        ctx.save_for_backward(input, labels, factors)
-        ctx.options = gamma, start, per_element
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        input, labels, factors = ctx.saved_tensors
-        gamma, start, per_element = ctx.options
-        x = input.reshape(*input.shape[:2], -1)
-        C = x.shape[1]
-        grad_input = torch.empty_like(input, memory_format=torch.contiguous_format)
-        grad_x = grad_input.view(x.shape)
-        grad_x[:, :start].zero_()
-        # dl/dx = sign(dz/dx) a f'(z): -a_pos at the positives, a_neg at the negatives, per channel
-        signs = (x.new_ones(2, C - start) if factors is None else factors) * x.new_tensor([[-1.0], [1.0]])
-        for c, cols, mask, (d, sp, e) in _blocks(x, labels, start, 3):
-            _focal_parts(x[:, c, cols], mask, d, sp)
-            d.exp_()  # sigmoid(z)
-            if gamma != 0:
-                torch.pow(d, gamma, out=e)
-                sp.addcmul_(sp, d, value=-1)  # softplus(z) sigmoid(-z)
-                d.add_(sp, alpha=gamma).mul_(e)
-            d.mul_(torch.where(mask, signs[0, c - start], signs[1, c - start], out=e))
-            torch.mul(d, grad[:, c - start, cols] if per_element else grad[:, cols], out=grad_x[:, c, cols])
-        return grad_input, None, None, None, None, None
+def _sigmoid_focal_at_label(
+    input: torch.Tensor,
+    labels: torch.Tensor,
+    gamma: float,
+    start: int,
+    factors: torch.Tensor | None,
+    per_element: bool,
+) -> torch.Tensor:
+    """The plain autograd form of :class:`_fused.SigmoidFocalAtLabel` (same arguments and result)."""
+    x = input.reshape(*input.shape[:2], -1)[:, start:]
+    positive = labels.unsqueeze(1) == torch.arange(start, input.shape[1], device=x.device).view(1, -1, 1)
+    z = torch.where(positive, -x, x)
+    loss = F.softplus(z) * torch.exp(gamma * F.logsigmoid(z))
+    if factors is not None:
+        loss = loss * torch.where(positive, factors[0].view(-1, 1), factors[1].view(-1, 1))
+    return loss if per_element else loss.sum(1)
 
 
 def _softmax_focal(
@@ -193,7 +86,8 @@ def _softmax_focal(
         idx = (t - start).clamp_min(0) if start else t  # channel among the n used; background voxels are zeroed below
         if own_softmax:  # channel 0 stays out of the loss: its logits are checked on their own
             tgt.check_input(x)
-        loss = _SoftmaxFocalAtLabel.apply(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
+        at_label = _fused.SoftmaxFocalAtLabel.apply if fused_paths_enabled() else _softmax_focal_at_label
+        loss = at_label(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
         tgt.check_input_through(loss)  # NaN/Inf in the input, found in the per-voxel loss: no pass over the input
         if factor is not None or start:
             loss = loss * _pad(factor, n, start, x)[t]
@@ -231,7 +125,7 @@ def _sigmoid_focal(
         elif alpha is not None:
             loss = loss * torch.where(g == 1, alpha.view(n, 1), 1.0)
         return loss if cw is None else loss * cw.view(n, 1)
-    # Label map: fused, never one-hot (see _SigmoidFocalAtLabel)
+    # Label map: fused, never one-hot (see _fused.SigmoidFocalAtLabel)
     if isinstance(alpha, float):
         pos, neg = _times(x.new_full((n,), alpha), cw), _times(x.new_full((n,), 1 - alpha), cw)
     else:
@@ -240,7 +134,8 @@ def _sigmoid_focal(
     if pos is not None or neg is not None:
         ones = x.new_ones(n)
         factors = torch.stack([ones if pos is None else pos, ones if neg is None else neg])
-    loss = _SigmoidFocalAtLabel.apply(x, tgt.labels, gamma, start, factors, none)
+    at_label = _fused.SigmoidFocalAtLabel.apply if fused_paths_enabled() else _sigmoid_focal_at_label
+    loss = at_label(x, tgt.labels, gamma, start, factors, none)
     return loss if none else loss.unsqueeze(1)
 
 
@@ -286,9 +181,9 @@ def focal_loss(
         xf = _plain(input).float()
         x = xf.reshape(B, C, -1)
         N = x.shape[-1]
-        cw = per_class_vector(weight, n, "weight", x.device)
+        cw = per_class_weight(weight, "weight", n, x.device)
         if not isinstance(alpha, float):
-            alpha = per_class_vector(alpha, n, "alpha", x.device)
+            alpha = per_class_weight(alpha, "alpha", n, x.device)
         if use_softmax:
             if isinstance(alpha, float):  # MONAI: 1 - alpha for the background channel, alpha for the others
                 full = x.new_full((C,), alpha)
@@ -311,6 +206,20 @@ def focal_loss(
         k = 1 if (use_softmax and ce_mean) or (ignore_index is not None and not ce_mean) else n
         voxels = B * N if w is None else w.sum() / w.shape[1]
         return safe_ratio(loss.sum(), k * voxels)
+
+
+def set_alpha(module: nn.Module, alpha: Weight) -> None:
+    """Store a focal ``alpha`` on ``module``: a scalar (checked in [0, 1]) as a float, one value per channel used as
+    a buffer (checked finite and >= 0), None as None."""
+    alpha_t = per_class_weight(alpha, "alpha")
+    if alpha_t is not None and alpha_t.ndim == 0:
+        if float(alpha_t) > 1:
+            raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {float(alpha_t)}.")
+        module.alpha = float(alpha_t)
+    elif alpha_t is not None:
+        module.register_buffer("alpha", alpha_t)
+    else:
+        module.alpha = None
 
 
 class FocalLoss(nn.Module):
@@ -396,16 +305,8 @@ class FocalLoss(nn.Module):
         self.gamma = float(gamma)
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
             raise ValueError(f"`gamma` must be finite and >= 0, got {gamma}.")
-        alpha_t = checked_buffer(alpha, "alpha")
-        if alpha_t is not None and alpha_t.ndim == 0:
-            self.alpha = float(alpha_t)
-            if self.alpha > 1:
-                raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {self.alpha}.")
-        elif alpha_t is not None:
-            self.register_buffer("alpha", alpha_t)
-        else:
-            self.alpha = None
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        set_alpha(self, alpha)
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.use_softmax = use_softmax

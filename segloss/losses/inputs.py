@@ -9,7 +9,7 @@ validation and reduction behave identically everywhere:
    expanded to a one-hot tensor: per-class statistics are gathered/scattered from it instead
    (:func:`class_sums`), which keeps many-class 3D memory-lean.
 2. :func:`activate` applies ``sigmoid`` / ``softmax`` / ``other_act`` (MONAI's names) in float32.
-3. :func:`class_sums` returns per-class (tp, sum of prediction, sum of target) in float32 with autocast
+3. :func:`~segloss.losses.class_sums.class_sums` returns per-class (tp, sum of prediction, sum of target) in float32 with autocast
    disabled (fp16 sums overflow at 512x512), optionally summed over the batch and all-reduced across
    ``torch.distributed`` ranks with autograd (``sync_batch``); :func:`reduce_loss` applies MONAI's
    ``reduction`` conventions.
@@ -26,28 +26,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 __all__ = [
     "Target",
     "Weight",
     "activate",
-    "all_reduce_sum",
-    "as_class_weight",
-    "batch_sums",
     "check_finite",
+    "check_input_shape",
     "check_sync_batch",
-    "checked_buffer",
-    "class_sums",
+    "per_class_weight",
     "first_class",
     "input_checks_enabled",
-    "label_sums",
-    "per_class_vector",
     "prepare_target",
     "reduce_loss",
     "safe_ratio",
     "set_input_checks",
-    "sum_by_label",
     "validate_act_args",
 ]
 
@@ -158,12 +151,17 @@ class Target:
     def is_labels(self) -> bool:
         return self.labels is not None
 
-    def valid_count(self, dims: Sequence[int] | None = None) -> torch.Tensor | None:
-        """Number (weighted sum) of non-ignored voxels, or None when nothing is ignored or weighted."""
-        if self.weight is None:
-            return None
-        w = self.weight if self.weight.shape[1] == 1 else self.weight.mean(1, keepdim=True)
-        return w.sum() if dims is None else w.sum(dims)
+
+def check_input_shape(input: torch.Tensor) -> None:
+    """``input`` must be ``(B, C, *spatial)`` with no empty dimension; ``(B, C)`` (classification-shaped, as MONAI
+    accepts) counts as one voxel per item."""
+    if input.ndim < 2:
+        raise ValueError(f"`input` must have shape (B, C, *spatial) or (B, C), got {tuple(input.shape)}.")
+    if input.numel() == 0:
+        raise ValueError(
+            f"`input` of shape {tuple(input.shape)} is empty (B = 0, C = 0 or a spatial size 0): there is no loss "
+            "to compute."
+        )
 
 
 def _label_map(target: torch.Tensor, input_ndim: int) -> torch.Tensor:
@@ -217,10 +215,7 @@ def prepare_target(
             out-of-range labels, NaN/Inf, or negative weights.
     """
     input = _plain(input)
-    if input.ndim < 3:
-        raise ValueError(
-            f"`input` must have shape (B, C, *spatial) with at least one spatial dim, got {tuple(input.shape)}."
-        )
+    check_input_shape(input)
     B, C = input.shape[:2]
     spatial = input.shape[2:]
     if isinstance(target, Target):
@@ -238,242 +233,104 @@ def prepare_target(
     target = _plain(target)
     if C == 1 and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)  # one channel: a (B,*) target is its binary mask, not class indices
-    checks = input_checks_enabled()
-
+    if to_onehot_y and C == 1:
+        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
     is_labels = (
         (to_onehot_y and C > 1)
         or target.ndim == input.ndim - 1
         or (target.ndim == input.ndim and target.shape[1] == 1 and C > 1)
     )
-    if to_onehot_y and C == 1:
-        warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
-
-    weight: torch.Tensor | None = None
     if is_labels:
-        labels = _label_map(target, input.ndim)
-        if labels.shape[0] != B or labels.shape[1:] != spatial:
-            raise ValueError(
-                f"`target` label map of shape {tuple(target.shape)} does not match `input` of shape "
-                f"{tuple(input.shape)}: expected (B,1,*spatial) or (B,*spatial) with B={B}, spatial={tuple(spatial)}."
-            )
-        if labels.dtype == torch.bool:
-            labels = labels.long()
-        if labels.is_floating_point():
-            if checks:
-                bad = ~torch.isfinite(labels) | (labels != torch.trunc(labels))
-                if bool(bad.any()):
-                    raise ValueError(
-                        "`target` is a label map but holds non-integer or non-finite values; "
-                        "pass class indices (integers), or a one-hot/soft target with the input's shape."
-                    )
-            labels = labels.long()
-        elif labels.is_complex():
-            raise ValueError("`target` must be real-valued.")
-        else:
-            labels = labels.long()
-        labels = labels.reshape(B, -1)
-        valid = None
+        labels, dense, weight = _read_label_map(target, input.shape, ignore_index), None, None
         if ignore_index is not None:
             valid = labels != ignore_index
             labels = labels.masked_fill(~valid, 0)
-        if checks:
-            lo, hi = torch.aminmax(labels)
-            lo, hi = int(lo), int(hi)
-            if lo < 0 or hi >= C:
-                raise ValueError(
-                    f"`target` label values must lie in [0, {C}) for an input with {C} channels"
-                    + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
-                    + f"; found values in [{lo}, {hi}]."
-                )
-        if valid is not None:
             weight = valid.unsqueeze(1).float()
-        dense = None
     else:
-        if target.shape != input.shape:
-            raise ValueError(
-                f"`target` of shape {tuple(target.shape)} must be a label map (B,1,*)/(B,*) or have `input`'s "
-                f"shape {tuple(input.shape)} (one-hot / soft target)."
-            )
-        dense = target.float().reshape(B, C, -1)
-        labels = None
-        if ignore_index is not None:
-            if 0 <= ignore_index < C and C > 1:
-                weight = 1.0 - dense[:, ignore_index : ignore_index + 1]
-            else:
-                keep = dense != ignore_index
-                weight = keep.float()
-                dense = dense.masked_fill(~keep, 0.0)
-        if checks and not bool(torch.isfinite(dense).all()):
-            raise ValueError("`target` contains NaN or Inf values.")
-
+        labels, (dense, weight) = None, _read_dense(target, input.shape, ignore_index)
     if weight_map is not None:
-        wm = _plain(weight_map)
-        if wm.ndim == input.ndim - 1:
-            wm = wm.unsqueeze(1)
-        if wm.ndim != input.ndim or wm.shape[0] != B or wm.shape[2:] != spatial or wm.shape[1] not in (1, C):
-            raise ValueError(
-                f"`weight_map` of shape {tuple(weight_map.shape)} must be (B,1,*spatial), (B,*spatial) or "
-                f"(B,C,*spatial) for `input` of shape {tuple(input.shape)}."
-            )
-        if wm.shape[1] == C and C > 1 and labels is not None:
-            raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
-        wm = wm.float().reshape(B, wm.shape[1], -1)
-        if checks and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
-            raise ValueError("`weight_map` must be finite and non-negative.")
+        wm = _read_weight_map(weight_map, input.shape, is_labels)
         weight = wm if weight is None else weight * wm
-
     if check_input:
         check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
     return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial, input_checked=check_input)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum ``x`` over all ``torch.distributed`` ranks, differentiably.
-
-    The backward pass sums the incoming gradients over ranks as well. Every rank computes the same loss
-    from the summed statistics, so each rank's input gradient is ``world_size`` times its share of the
-    one-process gradient, which is exactly what DistributedDataParallel's gradient *averaging* expects:
-    after DDP, parameter gradients equal those of one process holding the whole batch. Without an
-    initialised process group this is the identity.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM)
-
-
-def class_sums(
-    pred: torch.Tensor,
-    target: Target,
-    *,
-    batch: bool = False,
-    squared_pred: bool = False,
-    soft_label: bool = False,
-    sync_batch: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class soft confusion statistics ``(tp, pred_sum, target_sum)``, each ``(B, C)`` or ``(C,)``.
-
-    ``tp = sum_v w_v p_vc g_vc``, ``pred_sum = sum_v w_v p_vc`` (``p^2`` when ``squared_pred``),
-    ``target_sum = sum_v w_v g_vc`` (``g^2`` when ``squared_pred``); so ``fp = pred_sum - tp`` and
-    ``fn = target_sum - tp``. With ``soft_label`` (dense targets, MONAI's option) ``tp`` is
-    ``(|p|+|g|-|p-g|)/2`` in the L1 (or squared L2) norm, exact for soft labels.
-
-    For a label map ``g`` is never materialised: ``tp`` sums ``p`` at each voxel's label by class and
-    ``target_sum`` the voxel weights (:func:`sum_by_label`). Sums are float32 with autocast off; ``batch`` sums over
-    the batch, and ``sync_batch`` (with ``batch``) all-reduces the sums across ranks (:func:`all_reduce_sum`).
-
-    Args:
-        pred: ``(B, C, *)`` probabilities (already activated).
-        target: from :func:`prepare_target` for the same input.
-    """
-    B, C = pred.shape[:2]
-    with torch.autocast(pred.device.type, enabled=False):
-        p = _plain(pred).float().reshape(B, C, -1)
-        w = target.weight
-        if target.labels is not None:
-            tp, pred_sum, target_sum, _ = label_sums(p, target.labels, w, squared_pred=squared_pred)
-        else:
-            g = target.dense
-            if soft_label:
-                if w is not None:
-                    # each norm term is a per-voxel sum of |.| (or |.|^2): scale by w (or sqrt(w)) so every voxel
-                    # counts w times; for a 0/1 ignore mask this is MONAI's masking of p and g
-                    s = w.sqrt() if squared_pred else w
-                    p, g = p * s, g * s
-                order = 2 if squared_pred else 1
-                pn = torch.linalg.vector_norm(p, ord=order, dim=-1)
-                gn = torch.linalg.vector_norm(g, ord=order, dim=-1)
-                dn = torch.linalg.vector_norm(p - g, ord=order, dim=-1)
-                if order == 2:
-                    pn, gn, dn = pn.square(), gn.square(), dn.square()
-                tp = (pn + gn - dn) / 2
-                pred_sum, target_sum = pn, gn
-            else:
-                # w is (B,1,N) or (B,C,N); it multiplies each voxel's term once (a label map gets the same sums)
-                pw = p if w is None else p * w
-                tp = (pw * g).sum(-1)
-                pred_sum = (pw * p).sum(-1) if squared_pred else pw.sum(-1)
-                gw = g if w is None else g * w
-                target_sum = (gw * g).sum(-1) if squared_pred else gw.sum(-1)
-        return batch_sums(tp, pred_sum, target_sum, batch=batch, sync_batch=sync_batch)
-
-
-def label_sums(
-    p: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, *, squared_pred: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The label-map half of :func:`class_sums`: ``(tp, pred_sum, target_sum)`` per item, ``(B, C)``, plus the
-    weighted probability at each voxel's label ``w_v p_{v,t_v}``, ``(B, N)``, which a closed-form backward reuses.
-
-    ``p`` is ``(B, C, N)`` float32, ``labels`` ``(B, N)`` int64 in ``[0, C)``, ``weight`` ``(B, 1, N)`` or None.
-    """
-    B, C = p.shape[:2]
-    w = None if weight is None else weight[:, 0]
-    pp = p * p if squared_pred else p
-    # pred_sum first, while p (just written by the activation) may still be in cache
-    pred_sum = pp.sum(-1) if w is None else torch.bmm(pp, w.unsqueeze(-1)).squeeze(-1)
-    p_at_label = p.gather(1, labels.unsqueeze(1)).squeeze(1)  # (B, N)
-    if w is not None:
-        p_at_label = p_at_label * w
-    tp = sum_by_label(labels, p_at_label, C)
-    target_sum = sum_by_label(labels, w, C)
-    return tp, pred_sum, target_sum, p_at_label
-
-
-# voxels per row of sum_by_label's scatter: rows are what the CPU kernel parallelises over
-_ROW = 1 << 14
-
-
-def sum_by_label(labels: torch.Tensor, values: torch.Tensor | None, num_classes: int) -> torch.Tensor:
-    """Sum of ``values`` (``(B, N)`` float; None counts voxels) over the voxels of each label: ``(B, num_classes)``.
-
-    A ``scatter_add_`` into one row of ``num_classes`` sums per block of ``2^14`` voxels, then a sum over the
-    blocks. torch's CPU scatter runs the rows in parallel (a row per item would leave cores idle; ``bincount`` is
-    serial and first makes two range passes); on the GPU the many rows spread the atomic adds. No ``(B, N)``
-    offset-bin copy of the labels is made, and ``values`` keep their gradient.
-    """
-    B, N = labels.shape
-    src = values if values is not None else torch.ones((), device=labels.device).expand(B, N)
-    blocks = N // _ROW
-    if blocks < 2:
-        return src.new_zeros(B, num_classes).scatter_add_(1, labels, src)
-    head = blocks * _ROW
-    sums = src.new_zeros(B, blocks, num_classes)
-    sums = sums.scatter_add_(2, labels[:, :head].view(B, blocks, _ROW), src[:, :head].view(B, blocks, _ROW)).sum(1)
-    if head < N:
-        sums = sums.scatter_add_(1, labels[:, head:], src[:, head:])
-    return sums
-
-
-def batch_sums(
-    tp: torch.Tensor, pred_sum: torch.Tensor, target_sum: torch.Tensor, *, batch: bool, sync_batch: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-item sums ``(B, C)`` as they leave :func:`class_sums`: summed over the batch with ``batch``, then
-    all-reduced across ranks with ``sync_batch``."""
-    if batch:
-        tp, pred_sum, target_sum = tp.sum(0), pred_sum.sum(0), target_sum.sum(0)
-        if sync_batch:
-            tp, pred_sum, target_sum = all_reduce_sum(torch.stack([tp, pred_sum, target_sum])).unbind(0)
-    return tp, pred_sum, target_sum
-
-
-def as_class_weight(
-    weight: float | Sequence[float] | torch.Tensor | None, num_classes: int, name: str = "weight"
-) -> torch.Tensor | None:
-    """A per-class weight tensor of length ``num_classes`` (a scalar is broadcast), checked non-negative."""
-    if weight is None:
-        return None
-    w = torch.as_tensor(weight, dtype=torch.float32)
-    if w.ndim == 0:
-        w = w.repeat(num_classes)
-    if w.ndim != 1 or w.shape[0] != num_classes:
+def _read_label_map(target: torch.Tensor, input_shape: torch.Size, ignore_index: int | None) -> torch.Tensor:
+    """A label map ``(B,1,*)`` / ``(B,*)`` as ``(B, N)`` int64, checked whole and in ``[0, C)`` apart from
+    ``ignore_index`` (the caller masks those)."""
+    B, C, spatial = input_shape[0], input_shape[1], input_shape[2:]
+    labels = _label_map(target, len(input_shape))
+    if labels.shape[0] != B or labels.shape[1:] != spatial:
         raise ValueError(
-            f"The length of `{name}` ({w.numel()}) must equal the number of classes used ({num_classes}); "
-            "with include_background=False it must not include the background class 0."
+            f"`target` label map of shape {tuple(target.shape)} does not match `input` of shape "
+            f"{tuple(input_shape)}: expected (B,1,*spatial) or (B,*spatial) with B={B}, spatial={tuple(spatial)}."
         )
-    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-        raise ValueError(f"`{name}` values must be finite and no less than 0.")
-    return w
+    if labels.is_complex():
+        raise ValueError("`target` must be real-valued.")
+    checks = input_checks_enabled()
+    if labels.is_floating_point() and checks:
+        if bool((~torch.isfinite(labels) | (labels != torch.trunc(labels))).any()):
+            raise ValueError(
+                "`target` is a label map but holds non-integer or non-finite values; "
+                "pass class indices (integers), or a one-hot/soft target with the input's shape."
+            )
+    labels = labels.long().reshape(B, -1)
+    if checks:
+        in_range = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
+        lo, hi = (int(v) for v in torch.aminmax(in_range))
+        if lo < 0 or hi >= C:
+            raise ValueError(
+                f"`target` label values must lie in [0, {C}) for an input with {C} channels"
+                + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                + f"; found values in [{lo}, {hi}]."
+            )
+    return labels
+
+
+def _read_dense(
+    target: torch.Tensor, input_shape: torch.Size, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dense target with the input's shape as ``(B, C, N)`` float32, and the weight of its ``ignore_index``: a
+    class index in ``[0, C)`` masks the voxels of that class, another value the elements equal to it."""
+    B, C = input_shape[:2]
+    if target.shape != input_shape:
+        raise ValueError(
+            f"`target` of shape {tuple(target.shape)} must be a label map (B,1,*)/(B,*) or have `input`'s "
+            f"shape {tuple(input_shape)} (one-hot / soft target)."
+        )
+    dense = target.float().reshape(B, C, -1)
+    weight = None
+    if ignore_index is not None:
+        if 0 <= ignore_index < C and C > 1:
+            weight = 1.0 - dense[:, ignore_index : ignore_index + 1]
+        else:
+            keep = dense != ignore_index
+            weight = keep.float()
+            dense = dense.masked_fill(~keep, 0.0)
+    if input_checks_enabled() and not bool(torch.isfinite(dense).all()):
+        raise ValueError("`target` contains NaN or Inf values.")
+    return dense, weight
+
+
+def _read_weight_map(weight_map: torch.Tensor, input_shape: torch.Size, is_labels: bool) -> torch.Tensor:
+    """``weight_map`` ``(B,1,*)`` / ``(B,*)`` / ``(B,C,*)`` (dense targets only) as ``(B, 1 or C, N)`` float32,
+    checked finite and non-negative."""
+    B, C, spatial, ndim = input_shape[0], input_shape[1], input_shape[2:], len(input_shape)
+    wm = _plain(weight_map)
+    if wm.ndim == ndim - 1:
+        wm = wm.unsqueeze(1)
+    if wm.ndim != ndim or wm.shape[0] != B or wm.shape[2:] != spatial or wm.shape[1] not in (1, C):
+        raise ValueError(
+            f"`weight_map` of shape {tuple(weight_map.shape)} must be (B,1,*spatial), (B,*spatial) or "
+            f"(B,C,*spatial) for `input` of shape {tuple(input_shape)}."
+        )
+    if wm.shape[1] == C and C > 1 and is_labels:
+        raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
+    wm = wm.float().reshape(B, wm.shape[1], -1)
+    if input_checks_enabled() and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
+        raise ValueError("`weight_map` must be finite and non-negative.")
+    return wm
 
 
 def reduce_loss(f: torch.Tensor, reduction: str, spatial_ndim: int | None = None) -> torch.Tensor:
@@ -517,28 +374,27 @@ def check_sync_batch(batch: bool, sync_batch: bool) -> None:
 Weight = float | Sequence[float] | torch.Tensor | None
 
 
-def checked_buffer(value: Weight, name: str) -> torch.Tensor | None:
-    """A scalar or per-class option as a float32 tensor (0-dim or 1D), checked finite and non-negative on the host
-    (modules do this once, at construction, and keep the result as a buffer)."""
-    if value is None:
-        return None
-    t = torch.as_tensor(value, dtype=torch.float32)
-    if t.ndim > 1:
-        raise ValueError(f"`{name}` must be a number or a 1D sequence, got shape {tuple(t.shape)}.")
-    checked = as_class_weight(t, max(t.numel(), 1), name)
-    return checked if t.ndim else checked[0]
+def per_class_weight(
+    value: Weight, name: str, n: int | None = None, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """A scalar or per-class option (``weight``, ``alpha``, ``pos_weight``...) as float32, or None.
 
-
-def per_class_vector(value: Weight, n: int, name: str, device: torch.device) -> torch.Tensor | None:
-    """``value`` as a float32 vector of length ``n`` on ``device`` (a scalar is broadcast), or None.
-
-    Numbers and sequences are checked here (:func:`checked_buffer`); tensors are taken as already checked, so
-    that a module's buffer on the GPU costs no device sync.
+    Without ``n`` (a module's constructor): checked on the host (finite, >= 0, at most 1D) and returned 0-dim or
+    1D, to be kept as a buffer. With ``n`` (a functional call): a vector of length ``n`` on ``device`` (a scalar is
+    broadcast); numbers and sequences are checked, a tensor is taken as already checked, so that a module's buffer
+    on the GPU costs no device sync.
     """
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor):
-        value = checked_buffer(value, name)
+    if n is None or not isinstance(value, torch.Tensor):
+        t = torch.as_tensor(value, dtype=torch.float32)
+        if t.ndim > 1:
+            raise ValueError(f"`{name}` must be a number or a 1D sequence, got shape {tuple(t.shape)}.")
+        if bool((t < 0).any()) or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` values must be finite and no less than 0.")
+        if n is None:
+            return t
+        value = t
     value = value.to(device=device, dtype=torch.float32)
     if value.ndim == 0:
         return value.expand(n)

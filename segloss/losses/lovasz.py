@@ -15,63 +15,38 @@ precision on million-voxel vectors, where ``J_k - J_{k-1} ~ 1/N`` would otherwis
 
 Vectorised: every (image, class) error vector is a row of one ``(R, N)`` tensor, sorted at once (rows are
 ``B * C`` with ``per_image`` and ``C`` otherwise), and the increments come from one cumulative sum. The sort keys
-are the float bits of the non-negative errors read as integers, which order like the values (on the CPU this
-reaches PyTorch's radix sort). Ignored voxels get a key after every valid one and no ground truth, so they sit in
+are the float bits of the non-negative errors read as integers, which order like the values. Ignored voxels get a key after every valid one and no ground truth, so they sit in
 a tail that changes neither the intersection nor the union of any valid position, and their increment is zeroed:
 the result equals the loss of the compacted vectors exactly (ties included), without copying them per class.
 
 Opt-in approximation (``tolerance``): the sort is the main cost. Counting each row's errors into equal bins of
 width <= ``tolerance`` (one histogram over all rows) fixes the decreasing order up to ties inside a bin, and the
 increments of a bin telescope to the same sum in any order, so the loss stays within ``tolerance`` of the exact
-one with no sort at all (:func:`_binned_increments`).
+one with no sort at all (:func:`~segloss.losses.lovasz_binned.binned_increments`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from segloss.losses.inputs import (
     Weight,
-    _plain,
     activate,
     check_reduction,
-    checked_buffer,
     first_class,
-    input_checks_enabled,
-    per_class_vector,
+    per_class_weight,
     prepare_target,
     safe_ratio,
     validate_act_args,
 )
+from segloss.losses.lovasz_binned import binned_increments, check_tolerance
 
-__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss", "lovasz_hinge", "lovasz_softmax"]
+__all__ = ["LovaszSoftmaxLoss", "lovasz_reduce", "lovasz_rows", "lovasz_softmax"]
 
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-# PyTorch's CPU sort takes its radix path (several times faster than the comparison sort it uses otherwise) only for
-# 1D integer tensors sorted ascending with at least this many elements (at::internal::GRAIN_SIZE).
-_RADIX_MIN = 32768
-
-
-def _argsort_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Permutation of a stable ascending sort of integer ``keys`` ``(..., N)`` along the last dim."""
-    if keys.device.type != "cpu" or keys.shape[-1] < _RADIX_MIN or keys.element_size() > 4:
-        return torch.sort(keys, dim=-1, stable=True).indices
-    # CPU: torch's radix sort serves 1D integer tensors only, and is several times faster there than the comparison
-    # sort of a 2D tensor. Prefixing each key (offset to be non-negative) with its row index in the high 32 bits
-    # makes one 1D int64 sort of every row at once that keeps the rows apart and each row in key order.
-    N = keys.shape[-1]
-    flat = keys.reshape(-1, N)
-    row = torch.arange(flat.shape[0], dtype=torch.int64).unsqueeze(-1)
-    combined = flat.to(torch.int64).add_(1 << 31).bitwise_or_(row << 32).view(-1)  # in place: one int64 buffer
-    # sorted in place (the sorted keys are not needed): one fresh (R, N) int64 output fewer to fault in
-    perm = torch.sort(combined, stable=True, out=(combined, torch.empty_like(combined))).indices
-    del combined
-    return perm.view_as(flat).sub_(row * N).view(keys.shape)
 
 
 class _LovaszExtension(torch.autograd.Function):
@@ -82,7 +57,7 @@ class _LovaszExtension(torch.autograd.Function):
     ``errors`` (False = ignored) or None. Returns the per-row loss and, not differentiable, the per-row
     ground-truth total ``G``. The backward pass gives each voxel the increment of its sorted position.
 
-    The rows are sorted *ascending* (the CPU radix sort sorts ascending only), so the decreasing order of the paper
+    The rows are sorted *ascending*, so the decreasing order of the paper
     is read from the end: the voxel at ascending position ``j`` has rank ``k = N - j``, ``I_k = G - c_k`` is the
     exclusive cumulative sum of ``gt`` up to ``j`` and ``U_k = k + I_k``. Ignored voxels get the key -1, below every
     error, i.e. last in decreasing order.
@@ -92,7 +67,7 @@ class _LovaszExtension(torch.autograd.Function):
     def forward(ctx, errors, gt, valid, tolerance=None):
         N = errors.shape[-1]
         if tolerance is not None:
-            binned = _binned_increments(errors, gt, valid, tolerance)
+            binned = binned_increments(errors, gt, valid, tolerance)
             if binned is not None:
                 inc, total = binned
                 if ctx.needs_input_grad[0]:
@@ -104,7 +79,7 @@ class _LovaszExtension(torch.autograd.Function):
         keys = errors.view(_INT_OF_WIDTH[errors.element_size()])
         if valid is not None:
             keys = keys.masked_fill(~valid, -1)
-        perm = _argsort_keys(keys)
+        perm = torch.sort(keys, dim=-1, stable=True).indices
         ignored = None if valid is None else (~valid).expand(errors.shape).gather(-1, perm)
         g = gt.expand(errors.shape).gather(-1, perm)
         rank = torch.arange(N, 0, -1, device=errors.device, dtype=errors.dtype)  # k = N - j
@@ -144,73 +119,10 @@ class _LovaszExtension(torch.autograd.Function):
         return loss, total
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_total):
+        # inc is a constant of the errors: this product is also the exact graph for second derivatives
         (inc,) = ctx.saved_tensors
         return inc * grad_loss.unsqueeze(-1), None, None, None
-
-
-def _jaccard_loss(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-    """``1 - I / U``, and 0 for the empty set (``U = 0``)."""
-    return torch.where(union > 0, 1 - inter / union.clamp_min(1), 0.0)
-
-
-def _binned_increments(
-    errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, tolerance: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``tolerance`` mode of :class:`_LovaszExtension`: each voxel's increment (input order) and the per-row
-    ground-truth totals, from per-bin counts instead of a sort; None where the exact sort applies instead.
-
-    The errors of every row go into ``K = ceil(max error / tolerance)`` equal bins, in decreasing order. After all
-    voxels of a bin, ``J`` depends only on the set so far, so the increments inside a bin sum to the same ``dJ`` in
-    any order: the loss differs from the exact one by at most ``bin width * sum dJ <= tolerance`` per row (the
-    increments are >= 0 and sum to at most 1). Inside a bin, with ``I0``, ``U0`` before it, ``f`` foreground and
-    ``b`` background voxels: foreground first gives each foreground voxel ``1 / U0`` and the background voxels
-    ``J(I0 - f, U0 + b) - J(I0 - f, U0)``; background first gives them ``J(I0, U0 + b) - J(I0, U0)`` and each
-    foreground voxel ``1 / (U0 + b)``. Each voxel gets the mean of the two (per voxel, for the background).
-    """
-    if gt.dtype != torch.bool:
-        if not bool(((gt == 0) | (gt == 1)).all()):
-            return None  # soft ground truth: the per-bin counts below are for binary voxels
-        gt = gt.bool()
-    shape, N = errors.shape, errors.shape[-1]
-    errors = errors.reshape(-1, N)
-    R = errors.shape[0]
-    gt = gt.expand(shape).reshape(R, N)
-    valid = None if valid is None else valid.expand(shape).reshape(R, N)
-    emax = float(errors.amax()) if errors.numel() else 0.0
-    K = max(1, math.ceil(emax / tolerance))
-    if K > N:  # more bins than voxels: the sort is exact and not slower
-        return None
-    scale = K / emax if emax > 0 else 0.0
-    key = (emax - errors).mul_(scale).to(torch.int64).clamp_(0, K - 1)  # bin, 0 = largest errors
-    row = torch.arange(R, device=errors.device).unsqueeze(1) * (2 * K)
-    key = key.mul_(2).add_(row).add_(gt)  # flat index of (row, bin, foreground)
-    w = None if valid is None else valid.reshape(-1).to(errors.dtype)
-    counts = torch.bincount(key.view(-1), w, minlength=R * K * 2).view(R, K, 2).double()
-    n_bg, n_fg = counts.unbind(-1)
-    total = n_fg.sum(-1, keepdim=True)
-    inter0 = total - (n_fg.cumsum(-1) - n_fg)  # I0: foreground not yet in the predicted-wrong set
-    union0 = total + (n_bg.cumsum(-1) - n_bg)  # U0
-    union1 = union0 + n_bg
-    inc_fg = 0.5 * (1 / union0.clamp_min(1) + 1 / union1.clamp_min(1))
-    bg_fg_first = _jaccard_loss(inter0 - n_fg, union1) - _jaccard_loss(inter0 - n_fg, union0)
-    bg_bg_first = _jaccard_loss(inter0, union1) - _jaccard_loss(inter0, union0)
-    inc_bg = 0.5 * (bg_fg_first + bg_bg_first) / n_bg.clamp_min(1)
-    table = torch.stack([inc_bg, inc_fg], -1).to(errors.dtype).view(-1)
-    inc = table.take(key)
-    if valid is not None:
-        inc.masked_fill_(~valid, 0.0)
-    return inc.view(shape), total.to(errors.dtype).view(shape[:-1])
-
-
-def _check_tolerance(tolerance: float | None) -> float | None:
-    if tolerance is None:
-        return None
-    tolerance = float(tolerance)
-    if not (math.isfinite(tolerance) and tolerance > 0):
-        raise ValueError(f"`tolerance` must be None (exact) or a finite positive float, got {tolerance}.")
-    return tolerance
 
 
 def _selected_classes(classes: str | Sequence[int], C: int, start: int) -> tuple[list[int], bool]:
@@ -228,7 +140,7 @@ def _selected_classes(classes: str | Sequence[int], C: int, start: int) -> tuple
     return sel, False
 
 
-def _lovasz_reduce(
+def lovasz_reduce(
     row_loss: torch.Tensor,
     used: torch.Tensor,
     class_weight: torch.Tensor | None,
@@ -253,7 +165,7 @@ def _lovasz_reduce(
     return value.sum() / (wsum > 0).sum().clamp_min(1)  # images counted; 1 if none (every value is 0 then)
 
 
-def _rows(
+def lovasz_rows(
     errors: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None, per_image: bool, tolerance: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Lovász extension per (image, class) ``(B, n)`` or per class over the batch ``(n,)``, the ground-truth
@@ -291,7 +203,7 @@ def lovasz_softmax(
 ) -> torch.Tensor:
     """Functional form of :class:`LovaszSoftmaxLoss` (same arguments; see there for shapes, maths and conventions)."""
     reduction = check_reduction(reduction)
-    tolerance = _check_tolerance(tolerance)
+    tolerance = check_tolerance(tolerance)
     if softmax is None:
         softmax = not sigmoid and other_act is None
     validate_act_args(sigmoid, softmax, other_act)
@@ -300,7 +212,7 @@ def lovasz_softmax(
     start = first_class(include_background, C)
     sel, present = _selected_classes(classes, C, start)
     with torch.autocast(input.device.type, enabled=False):
-        cw = per_class_vector(weight, C - start, "weight", input.device)
+        cw = per_class_weight(weight, "weight", C - start, input.device)
         p = activate(input, sigmoid, softmax, other_act).reshape(B, C, -1)
         idx = torch.tensor(sel, device=p.device)
         every = sel == list(range(C))
@@ -321,51 +233,13 @@ def lovasz_softmax(
                 errors = errors.abs()
         else:
             errors = (ps - g).abs()
-        loss, total, count = _rows(errors, g, valid, per_image, tolerance)
+        loss, total, count = lovasz_rows(errors, g, valid, per_image, tolerance)
         used = total > 0 if present else torch.ones_like(total, dtype=torch.bool)
         if count is not None:
             used = used & (count > 0)
         if cw is not None:
             cw = cw.index_select(0, idx - start)
-        return _lovasz_reduce(loss, used, cw, per_image, reduction)
-
-
-def lovasz_hinge(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    per_image: bool = False,
-    ignore_index: int | None = None,
-    reduction: str = "mean",
-    tolerance: float | None = None,
-) -> torch.Tensor:
-    """Functional form of :class:`LovaszHingeLoss` (same arguments; see there for shapes, maths and conventions)."""
-    reduction = check_reduction(reduction)
-    tolerance = _check_tolerance(tolerance)
-    tgt = prepare_target(input, target, ignore_index=ignore_index)
-    B, C = input.shape[:2]
-    with torch.autocast(input.device.type, enabled=False):
-        x = _plain(input).float().reshape(B, C, -1)
-        valid = None if tgt.weight is None else tgt.weight > 0
-        if tgt.labels is not None:  # class indices: channel c is the one-vs-rest mask of class c
-            labels = tgt.labels if valid is None else tgt.labels.masked_fill(~valid[:, 0], -1)
-            g = labels.unsqueeze(1) == torch.arange(C, device=x.device).view(1, C, 1)
-            errors = torch.where(g, 1 - x, 1 + x)
-        else:
-            g = tgt.dense
-            if input_checks_enabled():
-                lo, hi = torch.aminmax(g)
-                if float(lo) < 0 or float(hi) > 1:
-                    raise ValueError(
-                        f"`target` of the Lovász hinge must lie in [0, 1], found [{float(lo)}, {float(hi)}]."
-                    )
-            if valid is not None:
-                g = g * valid
-            errors = 1 - x * (2 * g - 1)
-        # relu of the hinge: voxels with a non-positive hinge add nothing and sort after the others either way
-        loss, total, count = _rows(errors.relu_(), g, valid, per_image, tolerance)
-        used = torch.ones_like(total, dtype=torch.bool) if count is None else count > 0
-        return _lovasz_reduce(loss, used, None, per_image, reduction)
+        return lovasz_reduce(loss, used, cw, per_image, reduction)
 
 
 class LovaszSoftmaxLoss(nn.Module):
@@ -405,7 +279,7 @@ class LovaszSoftmaxLoss(nn.Module):
     ``tolerance`` (opt-in, default None = exact): instead of sorting, the errors of each row are counted into equal
     bins of width <= ``tolerance`` (``ceil(max error / tolerance)`` bins), which costs a histogram instead of a sort.
     The loss is then within ``tolerance`` (absolute) of the exact loss, for every class and so for every mean (see
-    ``_binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
+    ``binned_increments``); its gradient gives the voxels of one bin the mean increment of two tie-breaking orders
     (foreground first / background first). The bin edges depend on the data, so the values are read back to the
     host once. Soft (non-binary) targets, and calls where the bins would outnumber a row's voxels, use the exact
     sort.
@@ -446,7 +320,7 @@ class LovaszSoftmaxLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
-        self.tolerance = _check_tolerance(tolerance)
+        self.tolerance = check_tolerance(tolerance)
         validate_act_args(sigmoid, bool(softmax), other_act)
         if isinstance(classes, str):
             _selected_classes(classes, 1, 0)  # the class range is checked against the input in forward
@@ -460,7 +334,7 @@ class LovaszSoftmaxLoss(nn.Module):
         self.classes = classes
         self.per_image = per_image
         self.ignore_index = ignore_index
-        self.register_buffer("class_weight", checked_buffer(weight, "weight"))
+        self.register_buffer("class_weight", per_class_weight(weight, "weight"))
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -481,67 +355,6 @@ class LovaszSoftmaxLoss(nn.Module):
             per_image=self.per_image,
             ignore_index=self.ignore_index,
             weight=self.class_weight,
-            reduction=self.reduction,
-            tolerance=self.tolerance,
-        )
-
-
-class LovaszHingeLoss(nn.Module):
-    """Lovász hinge loss (Berman et al., CVPR 2018): a convex surrogate of the binary Jaccard loss, on logits.
-
-    For logits ``x`` and a binary ground truth ``g`` with signs ``s = 2g - 1``, the errors are the hinges
-    ``e_v = max(0, 1 - x_v s_v)`` and the loss is the Lovász extension of the Jaccard loss of the foreground at
-    ``e`` (see the module docstring). Zero when every logit is on its correct side with margin >= 1.
-
-    - Binary: one channel ``(B, 1, *)`` with a ``(B, 1, *)`` / ``(B, *)`` mask in {0, 1}.
-    - Multi-label: ``C`` channels with a dense ``(B, C, *)`` target (or a label map, meaning the one-vs-rest masks of
-      the classes): each channel is its own binary problem with its own hinge, and the channel losses are
-      averaged (not one hinge over all channels lumped together).
-    - ``per_image=False`` (default): each channel is scored over the voxels of the whole batch. ``per_image=True``:
-      per image (mean over its channels), then the mean over images, as the paper's ``per_image``. Every channel
-      counts, present or not (an empty foreground costs the largest hinge of its false positives).
-    - ``ignore_index`` voxels (elements, for a dense target) are left out exactly; a channel with every voxel
-      ignored is left out of the mean, as is an image with every voxel ignored; if all are, the loss is 0.
-    - ``reduction``: ``"mean"``; ``"sum"`` sums the per-image losses with ``per_image``; ``"none"`` gives the
-      per-image losses ``(B,)``, or shape ``(1,)`` without ``per_image``.
-
-    Computed in float32 with autocast off, any number of spatial dims.
-
-    ``tolerance`` (opt-in, default None = exact): the binned approximation of :class:`LovaszSoftmaxLoss`, within
-    ``tolerance`` of the exact loss, no sort.
-
-    Args:
-        per_image: score each image separately, then average over images.
-        ignore_index: label (or dense-target value) of the voxels to leave out.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        tolerance: None for the exact loss, or the largest allowed deviation from it (hinge errors are not bounded:
-            the number of bins is the largest hinge divided by ``tolerance``).
-    """
-
-    def __init__(
-        self,
-        per_image: bool = False,
-        ignore_index: int | None = None,
-        reduction: str = "mean",
-        tolerance: float | None = None,
-    ) -> None:
-        super().__init__()
-        self.reduction = check_reduction(reduction)
-        self.tolerance = _check_tolerance(tolerance)
-        self.per_image = per_image
-        self.ignore_index = ignore_index
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: logits ``(B, C, *spatial)``.
-            target: binary mask(s) ``(B, C, *)`` (``(B, *)`` for ``C = 1``) or a label map for ``C > 1``.
-        """
-        return lovasz_hinge(
-            input,
-            target,
-            per_image=self.per_image,
-            ignore_index=self.ignore_index,
             reduction=self.reduction,
             tolerance=self.tolerance,
         )

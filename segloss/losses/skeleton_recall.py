@@ -14,11 +14,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from segloss.losses.class_sums import class_sums
 from segloss.losses.inputs import (
     activate,
     check_reduction,
     check_sync_batch,
-    class_sums,
     prepare_target,
     reduce_loss,
     validate_act_args,
@@ -55,7 +55,7 @@ class SkeletonRecallLoss(nn.Module):
     Target: the skeleton, **not** the segmentation: an integer label map ``(B, 1, *)`` / ``(B, *)`` holding the
     class value on skeleton voxels and 0 elsewhere (``segloss.transforms.Skeletonize`` makes one from a label
     map), or a dense ``(B, C, *)`` one-hot skeleton. Label maps are never expanded to one-hot (per-class sums via
-    :func:`segloss.losses.inputs.class_sums`).
+    :func:`segloss.losses.class_sums.class_sums`).
 
     Ignored voxels: the skeleton is computed from the segmentation, so either keep ``ignore_index`` in the
     skeleton map, or pass ``weight_map=(label != ignore_index)`` to :meth:`forward` (as nnU-Net's loss mask).

@@ -32,7 +32,7 @@ from segloss.losses.inputs import (
 from segloss.networks.mask_features import MaskFeatures
 from segloss.networks.vgg import VGG19Features, WeightsNotFoundError, load_vgg19_state_dict
 
-__all__ = ["TopologyAwareLoss", "TopologyLoss", "feature_distance", "topology_loss"]
+__all__ = ["TopologyAwareLoss", "TopologyLoss", "feature_distance", "min_image_size", "topology_loss"]
 
 DEFAULT_LAYERS = ("conv1_2", "conv2_2", "conv3_4")
 
@@ -109,6 +109,12 @@ def _slice_indices(size: int, num_slices: int | None, generator: torch.Generator
     return torch.randperm(size, generator=generator, device=gen_device)[:num_slices].to(device)
 
 
+def min_image_size(feature_extractor: nn.Module) -> int:
+    """The smallest height and width ``feature_extractor`` takes: ``2 ** k`` for its ``k`` 2x2 max-pools (each
+    halves the image, and a side of 1 has nothing left to pool)."""
+    return 2 ** sum(isinstance(m, nn.MaxPool2d) for m in feature_extractor.modules())
+
+
 def topology_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -116,6 +122,7 @@ def topology_loss(
     layer_weights: Sequence[float] | None = None,
     num_slices: int | None = None,
     generator: torch.Generator | None = None,
+    min_size: int = 1,
 ) -> torch.Tensor:
     """Topology loss per (sample, channel), each channel fed to the extractor as a 1-channel image.
 
@@ -126,6 +133,10 @@ def topology_loss(
     target; None = all slices), averaged over the slices of an axis and then over the axes, so a 3D value is on
     the 2D scale.
 
+    ``min_size`` is the smallest side of an image the extractor takes (:func:`min_image_size`). A 2D image with a
+    smaller side raises ``ValueError``; in 3D the axes whose slices have a smaller side (e.g. the slices across a
+    thin axis) are skipped, and only a volume with no axis left raises.
+
     Returns:
         ``(B, C)`` float32.
     """
@@ -133,12 +144,23 @@ def topology_loss(
         raise ValueError(f"`pred` {tuple(pred.shape)} and `target` {tuple(target.shape)} must have the same shape.")
     B, C = pred.shape[:2]
     if pred.ndim == 4:
+        if min(pred.shape[2:]) < min_size:
+            raise ValueError(
+                f"`input` images of size {tuple(pred.shape[2:])} are smaller than the {min_size} x {min_size} "
+                "pixels the feature extractor needs (2 per max-pool before its deepest layer)."
+            )
         images = (x.reshape(B * C, 1, *pred.shape[2:]) for x in (pred, target))
         return feature_distance(feature_extractor, *images, layer_weights).reshape(B, C)
     if pred.ndim != 5:
         raise ValueError(f"`pred` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(pred.shape)}.")
+    axes = [a for a in (2, 3, 4) if min(s for d, s in enumerate(pred.shape) if d >= 2 and d != a) >= min_size]
+    if not axes:
+        raise ValueError(
+            f"`input` volume of size {tuple(pred.shape[2:])} has no axis whose slices reach the {min_size} x "
+            f"{min_size} pixels the feature extractor needs (2 per max-pool before its deepest layer)."
+        )
     per_axis = []
-    for axis in (2, 3, 4):
+    for axis in axes:
         idx = _slice_indices(pred.shape[axis], num_slices, generator, pred.device)
         images = []
         for x in (pred, target):
@@ -185,6 +207,9 @@ class TopologyLoss(nn.Module):
             instead of VGG-19 (``layers`` and ``weights`` then do not apply). It is put in eval mode with
             ``requires_grad=False`` and kept in eval mode by :meth:`train`.
         num_slices: 3D only: slices sampled per axis and call (None = all). Default 8.
+            Slices smaller than the extractor takes (4 x 4 pixels for the default layers, see
+            :func:`min_image_size`) are skipped with their axis, e.g. those across a thin axis; a 2D image that
+            small raises ``ValueError``.
         generator: a ``torch.Generator`` or an int seed for the slice sampling (None = the global RNG).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the ``(B, C)`` values (``"none"``: ``(B, C, 1, ...)``).
 
@@ -289,6 +314,7 @@ class TopologyLoss(nn.Module):
             self.layer_weights,
             self.num_slices,
             self.generator,
+            min_image_size(self.feature_extractor),
         )
         return reduce_loss(f, self.reduction, pred.ndim - 2)
 
@@ -297,8 +323,8 @@ class TopologyAwareLoss(CompoundLoss):
     """``pixel_loss(input, target) + mu * topology_loss(input, target)`` (Mosinska et al., CVPR 2018, eq. 3).
 
     A :class:`~segloss.losses.CompoundLoss` with terms ``"pixel"`` (weight 1) and ``"topology"`` (weight ``mu``):
-    keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only if its ``forward`` accepts
-    them, the last term values are in :attr:`last_terms`, and ``set_weight("topology", mu)`` changes ``mu``
+    keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only (``weight_map`` raises if
+    its ``forward`` does not take it), the last term values are in :attr:`last_terms`, and ``set_weight("topology", mu)`` changes ``mu``
     (e.g. a warm-up schedule; ``mu=0`` skips the VGG pass).
 
     Args:
@@ -318,7 +344,11 @@ class TopologyAwareLoss(CompoundLoss):
             topology_loss = TopologyLoss()
         elif isinstance(topology_loss, Mapping):
             topology_loss = TopologyLoss(**topology_loss)
-        super().__init__({"pixel": pixel_loss, "topology": topology_loss}, {"pixel": 1.0, "topology": mu})
+        super().__init__(
+            {"pixel": pixel_loss, "topology": topology_loss},
+            {"pixel": 1.0, "topology": mu},
+            term_kwargs={"topology": []},  # the perceptual term takes no weight map
+        )
 
     @property
     def mu(self) -> float:

@@ -7,7 +7,7 @@ networks", MLMI 2017): ``TI = tp / (tp + alpha fp + beta fn)`` trades false posi
 
 Focal Tversky (Abraham & Khan, "A Novel Focal Tversky Loss Function with Improved Attention U-Net for Lesion
 Segmentation", ISBI 2019) raises ``1 - TI`` to a power so that the loss concentrates on the hard, poorly segmented
-classes. Statistics come from :func:`segloss.losses.dice.class_stats` (label maps never one-hot expanded, float32
+classes. Statistics come from :func:`segloss.losses.overlap.class_stats` (label maps never one-hot expanded, float32
 sums, ``ignore_index``, ``weight_map``, ``sync_batch``).
 """
 
@@ -18,15 +18,14 @@ from collections.abc import Callable
 
 import torch
 
-from segloss.losses.dice import (
-    OVERLAP_ARGS_DOC,
+from segloss.losses.inputs import check_reduction, reduce_loss
+from segloss.losses.overlap import (
     ClassStats,
     OverlapLossBase,
     check_options,
     class_stats,
     empty_to_fp_rate,
 )
-from segloss.losses.inputs import check_reduction, reduce_loss
 
 __all__ = ["FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss", "tversky_loss"]
 
@@ -129,13 +128,6 @@ def _check_gamma(gamma: float) -> float:
     return gamma
 
 
-_TVERSKY_EMPTY = """
-    **Empty classes.** ``empty_target="smooth"`` (default, MONAI) gives an (item, class) with no target voxel
-    ``1 - smooth_nr / (alpha sum p + smooth_dr)``, about 1 for any non-negligible prediction, even a correct,
-    nearly empty one. ``empty_target="fp_rate"`` makes it the mean predicted probability over the valid voxels,
-    ``sum_v w_v p_v / sum_v w_v`` (3e-7 per voxel costs ~3e-7, 1 everywhere costs 1, nothing valid costs 0)."""
-
-
 class TverskyLoss(OverlapLossBase):
     """Tversky loss (Salehi et al., MLMI 2017), a drop-in for MONAI 1.6.1's ``monai.losses.TverskyLoss``.
 
@@ -147,19 +139,28 @@ class TverskyLoss(OverlapLossBase):
     ``alpha`` weighs false positives and ``beta`` false negatives (MONAI's convention; beta > alpha favours
     recall). As MONAI, ``reduction="none"`` returns ``(B, n)`` (``(n,)`` with ``batch``), without the trailing
     spatial ones of DiceLoss; there is no class ``weight``.
-    """
 
-    __doc__ += (
-        _TVERSKY_EMPTY
-        + """
+    **Empty classes.** ``empty_target="smooth"`` (default, MONAI) gives an (item, class) with no target voxel
+    ``1 - smooth_nr / (alpha sum p + smooth_dr)``, about 1 for any non-negligible prediction, even a correct,
+    nearly empty one. ``empty_target="fp_rate"`` makes it the mean predicted probability over the valid voxels,
+    ``sum_v w_v p_v / sum_v w_v`` (3e-7 per voxel costs ~3e-7, 1 everywhere costs 1, nothing valid costs 0).
 
-    Args:"""
-        + OVERLAP_ARGS_DOC
-        + """
+    Args:
+        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
+        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
+            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
+        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
+        batch: sum the statistics over the batch before the ratio (one value per class).
+        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
+            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
+        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
+            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
+        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         alpha, beta: false-positive / false-negative weights, >= 0 (0.5, 0.5 = Dice).
         soft_label: exact formulation for soft (non-binary) targets.
     """
-    )
 
     def __init__(
         self,
@@ -182,18 +183,18 @@ class TverskyLoss(OverlapLossBase):
     ) -> None:
         super().__init__()
         self._set_common(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            ignore_index,
-            sync_batch,
-            empty_target,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            ignore_index=ignore_index,
+            sync_batch=sync_batch,
+            empty_target=empty_target,
         )
         self.alpha, self.beta = _check_ab(alpha, beta)
         self.soft_label = soft_label
@@ -217,15 +218,14 @@ class FocalTverskyLoss(TverskyLoss):
     well, per the paper; ``gamma > 1`` does the opposite. Below ``1 - TI = 1e-7`` the power is continued linearly
     (``(1 - TI) 1e-7^(gamma - 1)``), so a perfect prediction costs 0 with a finite gradient. Defaults follow the paper: ``alpha = 0.3`` (FP),
     ``beta = 0.7`` (FN), i.e. the paper's alpha = 0.7 on the false negatives.
-    """
 
-    __doc__ += (
-        _TVERSKY_EMPTY
-        + """ Under ``"fp_rate"`` the FP rate is used as is, not raised to ``gamma``.
+    **Empty classes.** ``empty_target="smooth"`` (default, MONAI) gives an (item, class) with no target voxel
+    ``1 - smooth_nr / (alpha sum p + smooth_dr)``, about 1 for any non-negligible prediction, even a correct,
+    nearly empty one. ``empty_target="fp_rate"`` makes it the mean predicted probability over the valid voxels,
+    ``sum_v w_v p_v / sum_v w_v`` (3e-7 per voxel costs ~3e-7, 1 everywhere costs 1, nothing valid costs 0). Under ``"fp_rate"`` the FP rate is used as is, not raised to ``gamma``.
 
     Args: as :class:`TverskyLoss`, plus ``gamma`` (> 0).
     """
-    )
 
     def __init__(
         self,
@@ -248,19 +248,19 @@ class FocalTverskyLoss(TverskyLoss):
         empty_target: str = "smooth",
     ) -> None:
         super().__init__(
-            include_background,
-            to_onehot_y,
-            sigmoid,
-            softmax,
-            other_act,
-            alpha,
-            beta,
-            reduction,
-            smooth_nr,
-            smooth_dr,
-            batch,
-            soft_label,
-            ignore_index,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            alpha=alpha,
+            beta=beta,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            soft_label=soft_label,
+            ignore_index=ignore_index,
             sync_batch=sync_batch,
             empty_target=empty_target,
         )

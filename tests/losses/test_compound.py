@@ -62,10 +62,11 @@ def test_keywords_go_to_terms_that_accept_them_and_term_kwargs_restricts():
     x, y = data(2)
     w, s = torch.rand(2, 1, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.long)
     a, b = Recorder(), Recorder()
-    loss = CompoundLoss({"a": a, "b": b, "plain": PlainLoss()}, term_kwargs={"b": ["skeleton"]})
+    loss = CompoundLoss({"a": a, "b": b, "plain": PlainLoss()}, term_kwargs={"b": ["skeleton"], "plain": []})
     loss(x, y, weight_map=w, skeleton=s)  # PlainLoss takes neither keyword and must not receive them
     assert a.seen["weight_map"] is w and a.seen["skeleton"] is s
     assert b.seen["weight_map"] is None and b.seen["skeleton"] is s
+    loss(x, y, skeleton=s)  # a keyword that is not a weight (an alternative target) skips the terms without it
     with pytest.raises(ValueError, match="term_kwargs"):
         CompoundLoss({"a": Recorder()}, term_kwargs={"z": []})
 
@@ -111,3 +112,21 @@ def test_bad_arguments(kwargs, error, match):
         CompoundLoss(**kwargs)
     with pytest.raises(KeyError, match="no loss term"):
         CompoundLoss({"a": PlainLoss()}).set_weight("b", 1.0)
+
+
+def test_weight_map_for_a_term_without_it_raises_naming_both():
+    # the weight map would be dropped without a word: a Lovász loss has no weight_map
+    from segloss.losses import LovaszSoftmaxLoss
+
+    x, y = data(4)
+    w = torch.rand(2, 1, 8, 8)
+    loss = CompoundLoss({"ce": WeightedCrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()})
+    with pytest.raises(TypeError, match="LovaszSoftmaxLoss.forward takes no `weight_map`"):
+        loss(x, y, weight_map=w)
+    with pytest.raises(TypeError, match="weight_map"):
+        call_loss(PlainLoss(), x, y, weight_map=w)
+    excluded = CompoundLoss(
+        {"ce": WeightedCrossEntropyLoss(), "lovasz": LovaszSoftmaxLoss()}, term_kwargs={"lovasz": []}
+    )
+    expected = WeightedCrossEntropyLoss()(x, y, weight_map=w) + LovaszSoftmaxLoss()(x, y)
+    torch.testing.assert_close(excluded(x, y, weight_map=w), expected)

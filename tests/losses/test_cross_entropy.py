@@ -265,7 +265,7 @@ def test_fully_ignored_is_zero_with_zero_grad(sigmoid, dense):
             "pos_weight",
         ),
         ({}, torch.randn(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), {}, "sigmoid"),
-        ({}, torch.randn(2, 3), torch.zeros(2, 3), {}, "input"),
+        ({}, torch.randn(3), torch.zeros(3), {}, "input"),  # (B, C) is classification-shaped, accepted
     ],
 )
 def test_bad_input_names_the_argument(kwargs, input, target, fwd, match):
@@ -380,7 +380,7 @@ def test_label_map_keeps_no_full_size_tensor_for_the_backward(kwargs):
 
 def test_fused_label_cross_entropy_gradcheck():
     """The custom backward, with zero weights and negative or zero upstream gradients."""
-    from segloss.losses.cross_entropy import _LabelCrossEntropy
+    from segloss.losses._fused import LabelCrossEntropy as _LabelCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 30, generator=g, dtype=torch.float64, requires_grad=True)

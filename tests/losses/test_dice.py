@@ -505,3 +505,82 @@ def test_fused_backward_gradcheck(loss):
     wm = torch.rand(2, 1, 4, 3) + 0.5
     x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: loss(t, lab, wm).double(), (x,), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- issue 14 defects
+
+
+@pytest.mark.parametrize("kwargs", [dict(label_smoothing=0.1), dict(sigmoid=True, sigmoid_ce=True)])
+def test_dice_ce_rejects_an_inf_logit_its_ce_term_diverges_at(kwargs):
+    # the Dice sums accept a -Inf logit (a probability 0); the smoothed CE (or BCE) term would return inf
+    x, lab, _, _ = make_data("labels", (6, 7))
+    x[0, 1, 0, 0] = float("-inf")
+    if kwargs.get("sigmoid"):
+        lab = F.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
+        x[0, 1, 0, 0] = float("inf") if lab[0, 1, 0, 0] == 0 else float("-inf")
+    with pytest.raises(ValueError, match="`input` contains NaN or Inf"):
+        segloss.DiceCELoss(softmax=not kwargs.get("sigmoid"), **kwargs)(x, lab)
+
+
+def test_dice_focal_use_softmax_mean_is_cross_entropy_at_gamma_0_with_ignore_and_weights():
+    # the documented "mean" of the softmax focal term: the valid (weighted) voxels, no channel factor
+    x, lab, _, _ = make_data("labels", (6, 7))
+    lab[0, 0, :2] = 255
+    wm = torch.rand(lab.shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    loss = segloss.DiceFocalLoss(softmax=True, use_softmax=True, gamma=0.0, lambda_dice=0.0, ignore_index=255)
+    got = loss(x, lab, weight_map=wm)
+    valid = (lab != 255).double() * wm.double()
+    ce = F.cross_entropy(x.double(), lab[:, 0].clamp_max(2), reduction="none").unsqueeze(1)
+    torch.testing.assert_close(got.double(), (ce * valid).sum() / valid.sum(), **TOL)
+
+
+def test_dice_focal_takes_a_per_class_alpha_as_focal_loss():
+    x, lab, _, _ = make_data("labels", (6, 7))
+    alpha = [0.2, 0.3, 0.5]
+    got = segloss.DiceFocalLoss(softmax=True, alpha=alpha, lambda_dice=0.0)(x, lab)
+    want = segloss.FocalLoss(alpha=alpha, ce_mean=True)(x, lab)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="alpha"):
+        segloss.DiceFocalLoss(alpha=[0.2, -1.0, 0.5])
+
+
+CLASSIFICATION = {
+    "dice": (dict(to_onehot_y=True, softmax=True), segloss.DiceLoss),
+    "gdl": (dict(to_onehot_y=True, softmax=True), segloss.GeneralizedDiceLoss),
+    "tversky": (dict(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7), segloss.TverskyLoss),
+    "dice_ce": (dict(to_onehot_y=True, softmax=True), segloss.DiceCELoss),
+    "dice_focal": (dict(to_onehot_y=True, softmax=True, batch=True), segloss.DiceFocalLoss),
+    "focal": (dict(to_onehot_y=True, gamma=0.0), segloss.FocalLoss),
+    "focal_softmax": (dict(to_onehot_y=True, use_softmax=True), segloss.FocalLoss),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASSIFICATION))
+def test_classification_shaped_input_is_a_one_voxel_image(name):
+    # MONAI's losses take (B, C) logits with a (B, 1) label; here that is one voxel per item
+    kwargs, cls = CLASSIFICATION[name]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, generator=g)
+    y = torch.randint(0, 3, (5, 1), generator=g)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = cls(**kwargs)(x1, y)
+    want = cls(**kwargs)(x2.unsqueeze(-1), y.unsqueeze(-1))
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(torch.autograd.grad(got, x1)[0], torch.autograd.grad(want, x2)[0], **TOL)
+
+
+@pytest.mark.parametrize("use_softmax", [False, True])
+def test_classification_shaped_focal_matches_monai(use_softmax):
+    # (MONAI's Dice family sums (B, C) over an empty list of dims, which torch reads as every dim: one Dice over
+    # items and classes; segloss keeps one Dice per (item, class), see docs/losses.md)
+    x = torch.randn(5, 3)
+    y = torch.randint(0, 3, (5, 1))
+    kwargs = dict(to_onehot_y=True, use_softmax=use_softmax, alpha=0.25)
+    torch.testing.assert_close(segloss.FocalLoss(**kwargs)(x, y), ml.FocalLoss(**kwargs)(x, y), **TOL)
+
+
+def test_classification_focal_at_gamma_0_is_bce_on_the_one_hot_label():
+    x = torch.randn(5, 3)
+    y = torch.randint(0, 3, (5, 1))
+    got = segloss.FocalLoss(to_onehot_y=True, gamma=0.0)(x, y)
+    torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, F.one_hot(y[:, 0], 3).float()))

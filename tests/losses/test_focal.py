@@ -13,8 +13,10 @@ from monai.data import MetaTensor
 from test_dice import _BigFloatAllocations
 
 from segloss.losses import FocalLoss
-from segloss.losses import focal as focal_module
-from segloss.losses.focal import _SigmoidFocalAtLabel, _SoftmaxFocalAtLabel, focal_loss
+from segloss.losses import _fused as fused_module
+from segloss.losses._fused import SigmoidFocalAtLabel as _SigmoidFocalAtLabel
+from segloss.losses._fused import SoftmaxFocalAtLabel as _SoftmaxFocalAtLabel
+from segloss.losses.focal import focal_loss
 
 B, C = 2, 4
 ALPHAS = [None, 0.25, "per_class"]
@@ -164,7 +166,7 @@ def test_sigmoid_blocks_give_the_same_result(monkeypatch):
     for reduction, upstream in (("mean", None), ("none", torch.rand(2, 4, 5, 6, 7))):
         loss.reduction = reduction
         a, ga = value_and_grad(loss, x, lab, upstream)
-        monkeypatch.setattr(focal_module, "_MIN_BLOCK", 16)
+        monkeypatch.setattr(fused_module, "_MIN_BLOCK", 16)
         b, gb = value_and_grad(loss, x, lab, upstream)
         monkeypatch.undo()
         torch.testing.assert_close(a, b)

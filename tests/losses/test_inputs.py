@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from segloss.losses.inputs import activate, class_sums, prepare_target, reduce_loss
+from segloss.losses.class_sums import class_sums
+from segloss.losses.inputs import activate, prepare_target, reduce_loss
 
 
 def _naive_sums(p, onehot, w):
@@ -178,7 +179,7 @@ def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, targe
 @pytest.mark.parametrize("n", [5, 8, 11, 12])  # with 4-voxel blocks: one row per item; blocks; blocks + a tail
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sum_by_label_matches_bincount_with_gradient(monkeypatch, n, weighted):
-    from segloss.losses import inputs
+    from segloss.losses import class_sums as inputs
 
     monkeypatch.setattr(inputs, "_ROW", 4)
     g = torch.Generator().manual_seed(n)
@@ -192,3 +193,36 @@ def test_sum_by_label_matches_bincount_with_gradient(monkeypatch, n, weighted):
         assert torch.autograd.gradcheck(lambda v: inputs.sum_by_label(labels, v, 3), (values,))
     else:
         assert got.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 0, 4)])
+def test_empty_input_raises_value_error_naming_input(shape):
+    with pytest.raises(ValueError, match="`input` of shape .* is empty"):
+        prepare_target(torch.randn(shape), torch.zeros(shape[0], 1, *shape[2:], dtype=torch.long))
+
+
+def test_every_loss_rejects_an_empty_batch_clearly():
+    import segloss
+
+    x, y = torch.randn(0, 3, 8, 8), torch.zeros(0, 1, 8, 8, dtype=torch.long)
+    losses = [
+        segloss.DiceLoss(softmax=True),
+        segloss.GeneralizedDiceLoss(softmax=True),
+        segloss.TverskyLoss(softmax=True),
+        segloss.FocalTverskyLoss(softmax=True),
+        segloss.DiceCELoss(softmax=True),
+        segloss.DiceFocalLoss(softmax=True),
+        segloss.FocalLoss(),
+        segloss.WeightedCrossEntropyLoss(),
+        segloss.LovaszSoftmaxLoss(),
+        segloss.LovaszHingeLoss(),
+        segloss.SkeletonRecallLoss(softmax=True),
+    ]
+    for loss in losses:
+        with pytest.raises(ValueError, match="is empty"):
+            loss(x, y)
+
+
+def test_classification_shaped_input_is_one_voxel_per_item():
+    tgt = prepare_target(torch.randn(4, 3), torch.tensor([[0], [2], [1], [2]]))
+    assert tgt.labels.shape == (4, 1) and tgt.spatial_shape == ()

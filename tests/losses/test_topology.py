@@ -285,3 +285,23 @@ def test_topology_aware_loss_from_bundle_config():
     assert loss.losses["topology"].feature_extractor.layers == ("conv1_2",)
     logits, target = torch.randn(1, 1, 16, 16), _binary((1, 1, 16, 16))
     assert torch.isfinite(loss(logits, target))
+
+
+def test_image_smaller_than_the_receptive_field_raises_naming_the_size():
+    loss = TopologyLoss(sigmoid=True, weights=None)  # conv1_2..conv3_4: two max-pools, so 4 x 4 at least
+    x = torch.randn(1, 1, 3, 16)
+    with pytest.raises(ValueError, match="4 x 4"):
+        loss(x, (x > 0).float())
+
+
+def test_thin_3d_volume_skips_the_axes_whose_slices_are_too_small():
+    ext = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.MaxPool2d(2)).requires_grad_(False)
+    assert segloss.losses.topology.min_image_size(ext) == 4
+    p = torch.rand(1, 1, 2, 8, 6)
+    g = (torch.rand(1, 1, 2, 8, 6) > 0.5).float()
+    got = segloss.losses.topology.topology_loss(p, g, ext, min_size=4)
+    # only the slices along D are 8 x 6; those along H (2 x 6) and W (2 x 8) are skipped
+    want = segloss.losses.topology.feature_distance(ext, p[0, 0].unsqueeze(1), g[0, 0].unsqueeze(1)).mean()
+    torch.testing.assert_close(got, want.view(1, 1))
+    with pytest.raises(ValueError, match="no axis"):
+        segloss.losses.topology.topology_loss(p[..., :3, :3], g[..., :3, :3], ext, min_size=4)
