@@ -40,7 +40,8 @@ def _epochs_run(wf, loss_weights: dict | None = None) -> list[int]:
     if loss_weights is not None:
         loss = wf.parser.get_parsed_content("loss")
         trainer.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda e: loss_weights.__setitem__(e.state.epoch, dict(loss.weights))
+            Events.ITERATION_COMPLETED,
+            lambda e: loss_weights.__setitem__(e.state.epoch, dict(getattr(loss, "weights", {}))),  # compound losses
         )
     wf.run()
     wf.finalize()
