@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 def _default_extractor(weights, layers: Sequence[str] | None) -> nn.Module:
-    """VGG-19 for ``weights`` (``"auto"``: ImageNet VGG-19 if on this machine, nothing downloaded, else the
+    """VGG-19 for ``weights`` (``"auto"``: ImageNet VGG-19 if on this machine, nothing downloaded, else the 2D
     :class:`~segloss.networks.MaskFeatures` shipped with segloss)."""
     if not (isinstance(weights, str) and weights == "auto"):
         return VGG19Features(DEFAULT_LAYERS if layers is None else layers, weights=weights)
@@ -121,7 +121,8 @@ def topology_loss(
 
     2D: ``pred``, ``target`` ``(B, C, H, W)`` -> :func:`feature_distance` of each ``(b, c)`` image.
 
-    3D: ``(B, C, D, H, W)``; the 2D loss of slices along each of the three axes (``num_slices`` slices per axis
+    3D: ``(B, C, D, H, W)``; an extractor with ``spatial_dims == 3`` (the 3D :class:`~segloss.networks.MaskFeatures`)
+    takes each ``(b, c)`` volume whole. Otherwise the 2D loss of slices along each of the three axes (``num_slices`` slices per axis
     drawn without replacement with ``generator``, the same slices for every sample, channel, prediction and
     target; None = all slices), averaged over the slices of an axis and then over the axes, so a 3D value is on
     the 2D scale.
@@ -132,11 +133,11 @@ def topology_loss(
     if pred.shape != target.shape:
         raise ValueError(f"`pred` {tuple(pred.shape)} and `target` {tuple(target.shape)} must have the same shape.")
     B, C = pred.shape[:2]
-    if pred.ndim == 4:
+    if pred.ndim not in (4, 5):
+        raise ValueError(f"`pred` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(pred.shape)}.")
+    if pred.ndim == 4 or getattr(feature_extractor, "spatial_dims", 2) == 3:
         images = (x.reshape(B * C, 1, *pred.shape[2:]) for x in (pred, target))
         return feature_distance(feature_extractor, *images, layer_weights).reshape(B, C)
-    if pred.ndim != 5:
-        raise ValueError(f"`pred` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(pred.shape)}.")
     per_axis = []
     for axis in (2, 3, 4):
         idx = _slice_indices(pred.shape[axis], num_slices, generator, pred.device)
@@ -180,7 +181,8 @@ class TopologyLoss(nn.Module):
             topology prior shipped with segloss (one log line says which). Or VGG-19 weights: ``"imagenet"``
             (searched for at construction, downloaded when online; raises
             :class:`segloss.networks.WeightsNotFoundError` listing the options when absent), a path, a state
-            dict, or None (seeded random VGG-19, for tests).
+            dict, or None (seeded random VGG-19, for tests). With MaskFeatures, 3D inputs go whole through its
+            native 3D variant (``volume_extractor``), not slice by slice.
         feature_extractor: any frozen ``nn.Module`` mapping ``(N, 1, H, W)`` to a list/dict of features, used
             instead of VGG-19 (``layers`` and ``weights`` then do not apply). It is put in eval mode with
             ``requires_grad=False`` and kept in eval mode by :meth:`train`.
@@ -218,8 +220,10 @@ class TopologyLoss(nn.Module):
             isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1
         ):
             raise ValueError(f"`num_slices` must be None or a positive int, got {num_slices!r}.")
+        built_prior = False  # the 2D MaskFeatures chosen by weights="auto" comes with its native 3D twin
         if feature_extractor is None:
             feature_extractor = _default_extractor(weights, layers)
+            built_prior = isinstance(feature_extractor, MaskFeatures)
             num_maps = (
                 len(feature_extractor.layers)
                 if isinstance(feature_extractor, VGG19Features)
@@ -245,6 +249,7 @@ class TopologyLoss(nn.Module):
                 f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}."
             )
         self.feature_extractor = feature_extractor
+        self.volume_extractor = MaskFeatures(3) if built_prior else None
         self.layer_weights = layer_weights
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
@@ -282,10 +287,11 @@ class TopologyLoss(nn.Module):
             w = tgt.weight if tgt.weight.shape[1] == 1 else tgt.weight[:, first:]
             p, g = p * w, g * w
         shape = (B, C - first, *pred.shape[2:])
+        extractor = self.volume_extractor if pred.ndim == 5 and self.volume_extractor is not None else None
         f = topology_loss(
             p.reshape(shape),
             g.reshape(shape),
-            self.feature_extractor,
+            extractor or self.feature_extractor,
             self.layer_weights,
             self.num_slices,
             self.generator,
