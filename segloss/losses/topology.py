@@ -121,11 +121,11 @@ def topology_loss(
 
     2D: ``pred``, ``target`` ``(B, C, H, W)`` -> :func:`feature_distance` of each ``(b, c)`` image.
 
-    3D: ``(B, C, D, H, W)``; an extractor with ``spatial_dims == 3`` (the 3D :class:`~segloss.networks.MaskFeatures`)
-    takes each ``(b, c)`` volume whole. Otherwise the 2D loss of slices along each of the three axes (``num_slices`` slices per axis
-    drawn without replacement with ``generator``, the same slices for every sample, channel, prediction and
-    target; None = all slices), averaged over the slices of an axis and then over the axes, so a 3D value is on
-    the 2D scale.
+    3D: ``(B, C, D, H, W)``; an extractor with ``spatial_dims == 3`` (the 3D
+    :class:`~segloss.networks.MaskFeatures`) takes each ``(b, c)`` volume whole. Otherwise the 2D loss of slices
+    along each of the three axes (``num_slices`` slices per axis drawn without replacement with ``generator``,
+    the same slices for every sample, channel, prediction and target; None = all slices), averaged over the
+    slices of an axis and then over the axes, so a 3D value is on the 2D scale.
 
     Returns:
         ``(B, C)`` float32.
@@ -287,11 +287,11 @@ class TopologyLoss(nn.Module):
             w = tgt.weight if tgt.weight.shape[1] == 1 else tgt.weight[:, first:]
             p, g = p * w, g * w
         shape = (B, C - first, *pred.shape[2:])
-        extractor = self.volume_extractor if pred.ndim == 5 and self.volume_extractor is not None else None
+        volume = pred.ndim == 5 and self.volume_extractor is not None
         f = topology_loss(
             p.reshape(shape),
             g.reshape(shape),
-            extractor or self.feature_extractor,
+            self.volume_extractor if volume else self.feature_extractor,
             self.layer_weights,
             self.num_slices,
             self.generator,
