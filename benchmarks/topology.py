@@ -1,6 +1,10 @@
 """Cost of the topology-aware losses next to one training step of a MONAI UNet on the same batch.
 
-For each case (2D ``8x1x256^2``, 3D ``2x1x96^3``; binary, one sigmoid channel) it times forward+backward of:
+First table: whole UNet training steps (2 softmax classes) with plain CE, border-weighted CE + Dice, and that plus
+0.1 x the :class:`segloss.networks.MaskFeatures` topology term, as ratios to the plain CE step of the same run.
+
+Second table: for each case (2D ``8x1x256^2``, 3D ``2x1x96^3``; binary, one sigmoid channel) it times
+forward+backward of:
 
 - ``unet step``: MONAI ``UNet(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))`` with BCE (the reference);
 - ``TopologyLoss``: VGG-19 features up to conv3_4 (random weights: the cost does not depend on them), 3D with its
@@ -17,6 +21,7 @@ the whole forward+backward step for every row.
 
     python benchmarks/topology.py                 # markdown table on stdout
     python benchmarks/topology.py --cases 2d --repeats 3
+    python benchmarks/topology.py --prior-only       # the MaskFeatures step-cost table only
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 from torch.utils.flop_counter import FlopCounterMode
 
-from segloss.losses import SkeletonRecallLoss, TopologyLoss
+from segloss.losses import DiceCELoss, SkeletonRecallLoss, TopologyLoss
+from segloss.networks import MaskFeatures
 
 CASES = {"2d": (8, (256, 256)), "3d": (2, (96, 96, 96))}
 
@@ -131,16 +137,63 @@ def run_case(name: str, warmup: int, repeats: int) -> list[tuple[str, float, flo
     return rows
 
 
+def prior_step_rows(name: str, warmup: int, repeats: int) -> list[tuple[str, float]]:
+    """Whole training steps of a 2-class softmax UNet: plain CE, border-weighted CE + Dice, and that plus
+    ``0.1 x`` the MaskFeatures topology term (2D: the 2D prior; 3D: the native 3D prior on the whole volume)."""
+    from monai.networks.nets import UNet
+
+    batch, spatial = CASES[name]
+    _, seg, _, _ = make_batch(batch, spatial)
+    label = seg.long()
+    # A border weight map's values do not change the cost; precomputing it is data-pipeline work.
+    weight_map = 1 + 9 * torch.rand(seg.shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    unet = UNet(len(spatial), 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
+    image = torch.randn_like(seg)
+    dice_ce = DiceCELoss(softmax=True, to_onehot_y=True)
+    # random MaskFeatures weights: the cost does not depend on them
+    prior = TopologyLoss(softmax=True, to_onehot_y=True, feature_extractor=MaskFeatures(len(spatial), weights=None))
+
+    def step(loss_fn):
+        def run():
+            unet.zero_grad(set_to_none=True)
+            loss_fn(unet(image)).backward()
+
+        return run
+
+    steps = (
+        ("plain CE", lambda out: F.cross_entropy(out, label[:, 0])),
+        ("border-CE + Dice", lambda out: dice_ce(out, label, weight_map=weight_map)),
+        (
+            "border-CE + Dice + 0.1 MaskFeatures term",
+            lambda out: dice_ce(out, label, weight_map=weight_map) + 0.1 * prior(out, label),
+        ),
+    )
+    return [(label_, timed(step(fn), warmup, repeats)) for label_, fn in steps]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prior-only", action="store_true", help="only the MaskFeatures step-cost table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after {args.warmup} warm-up\n")
+    print("| case | UNet training step with | median ms | x plain CE step |")
+    print("|---|---|---:|---:|")
+    for name in args.cases:
+        batch, spatial = CASES[name]
+        case = f"{batch}x1x" + "x".join(map(str, spatial))
+        rows = prior_step_rows(name, args.warmup, args.repeats)
+        for label, seconds in rows:
+            print(f"| {case} | {label} | {seconds * 1e3:.0f} | {seconds / rows[0][1]:.2f} |", flush=True)
+    if args.prior_only:
+        return
+    print()
     print(
         "| case | forward+backward of | median ms | x UNet step | conv/matmul GFLOP/sample (fwd+bwd, counted) "
         "| TopologyLoss fwd GFLOP/sample (analytic) |"

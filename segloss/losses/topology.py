@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 def _default_extractor(weights, layers: Sequence[str] | None) -> nn.Module:
-    """VGG-19 for ``weights`` (``"auto"``: ImageNet VGG-19 if on this machine, nothing downloaded, else the
+    """VGG-19 for ``weights`` (``"auto"``: ImageNet VGG-19 if on this machine, nothing downloaded, else the 2D
     :class:`~segloss.networks.MaskFeatures` shipped with segloss)."""
     if not (isinstance(weights, str) and weights == "auto"):
         return VGG19Features(DEFAULT_LAYERS if layers is None else layers, weights=weights)
@@ -128,10 +128,11 @@ def topology_loss(
 
     2D: ``pred``, ``target`` ``(B, C, H, W)`` -> :func:`feature_distance` of each ``(b, c)`` image.
 
-    3D: ``(B, C, D, H, W)``; the 2D loss of slices along each of the three axes (``num_slices`` slices per axis
-    drawn without replacement with ``generator``, the same slices for every sample, channel, prediction and
-    target; None = all slices), averaged over the slices of an axis and then over the axes, so a 3D value is on
-    the 2D scale.
+    3D: ``(B, C, D, H, W)``; an extractor with ``spatial_dims == 3`` (the 3D
+    :class:`~segloss.networks.MaskFeatures`) takes each ``(b, c)`` volume whole. Otherwise the 2D loss of slices
+    along each of the three axes (``num_slices`` slices per axis drawn without replacement with ``generator``,
+    the same slices for every sample, channel, prediction and target; None = all slices), averaged over the
+    slices of an axis and then over the axes, so a 3D value is on the 2D scale.
 
     ``min_size`` is the smallest side of an image the extractor takes (:func:`min_image_size`). A 2D image with a
     smaller side raises ``ValueError``; in 3D the axes whose slices have a smaller side (e.g. the slices across a
@@ -143,16 +144,17 @@ def topology_loss(
     if pred.shape != target.shape:
         raise ValueError(f"`pred` {tuple(pred.shape)} and `target` {tuple(target.shape)} must have the same shape.")
     B, C = pred.shape[:2]
-    if pred.ndim == 4:
+    if pred.ndim not in (4, 5):
+        raise ValueError(f"`pred` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(pred.shape)}.")
+    if pred.ndim == 4 or getattr(feature_extractor, "spatial_dims", 2) == 3:  # images, or volumes taken whole
         if min(pred.shape[2:]) < min_size:
             raise ValueError(
-                f"`input` images of size {tuple(pred.shape[2:])} are smaller than the {min_size} x {min_size} "
-                "pixels the feature extractor needs (2 per max-pool before its deepest layer)."
+                f"`input` of spatial size {tuple(pred.shape[2:])} is smaller than the "
+                f"{' x '.join([str(min_size)] * (pred.ndim - 2))} the feature extractor needs (2 per max-pool before "
+                "its deepest layer)."
             )
         images = (x.reshape(B * C, 1, *pred.shape[2:]) for x in (pred, target))
         return feature_distance(feature_extractor, *images, layer_weights).reshape(B, C)
-    if pred.ndim != 5:
-        raise ValueError(f"`pred` must be 2D (B,C,H,W) or 3D (B,C,D,H,W), got shape {tuple(pred.shape)}.")
     axes = [a for a in (2, 3, 4) if min(s for d, s in enumerate(pred.shape) if d >= 2 and d != a) >= min_size]
     if not axes:
         raise ValueError(
@@ -202,7 +204,8 @@ class TopologyLoss(nn.Module):
             topology prior shipped with segloss (one log line says which). Or VGG-19 weights: ``"imagenet"``
             (searched for at construction, downloaded when online; raises
             :class:`segloss.networks.WeightsNotFoundError` listing the options when absent), a path, a state
-            dict, or None (seeded random VGG-19, for tests).
+            dict, or None (seeded random VGG-19, for tests). With MaskFeatures, 3D inputs go whole through its
+            native 3D variant (``volume_extractor``), not slice by slice.
         feature_extractor: any frozen ``nn.Module`` mapping ``(N, 1, H, W)`` to a list/dict of features, used
             instead of VGG-19 (``layers`` and ``weights`` then do not apply). It is put in eval mode with
             ``requires_grad=False`` and kept in eval mode by :meth:`train`.
@@ -243,8 +246,10 @@ class TopologyLoss(nn.Module):
             isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1
         ):
             raise ValueError(f"`num_slices` must be None or a positive int, got {num_slices!r}.")
+        built_prior = False  # the 2D MaskFeatures chosen by weights="auto" comes with its native 3D twin
         if feature_extractor is None:
             feature_extractor = _default_extractor(weights, layers)
+            built_prior = isinstance(feature_extractor, MaskFeatures)
             num_maps = (
                 len(feature_extractor.layers)
                 if isinstance(feature_extractor, VGG19Features)
@@ -270,6 +275,7 @@ class TopologyLoss(nn.Module):
                 f"`generator` must be a torch.Generator, an int seed or None, got {type(generator).__name__}."
             )
         self.feature_extractor = feature_extractor
+        self.volume_extractor = MaskFeatures(3) if built_prior else None
         self.layer_weights = layer_weights
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
@@ -307,10 +313,11 @@ class TopologyLoss(nn.Module):
             w = tgt.weight if tgt.weight.shape[1] == 1 else tgt.weight[:, first:]
             p, g = p * w, g * w
         shape = (B, C - first, *pred.shape[2:])
+        volume = pred.ndim == 5 and self.volume_extractor is not None
         f = topology_loss(
             p.reshape(shape),
             g.reshape(shape),
-            self.feature_extractor,
+            self.volume_extractor if volume else self.feature_extractor,
             self.layer_weights,
             self.num_slices,
             self.generator,
