@@ -302,6 +302,8 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
     """Each batch's weight_map (BorderWeightMapd, cropped with the image) is what the CE term receives."""
     wf = workflow(
         "em_membrane_2d",
+        loss="@loss_options#border_ce_dice_topology",  # the default (Dice) takes no weight map
+        weight_map_to_loss=True,
         max_epochs=1,
         epoch_length=2,
         val_interval=10,
@@ -333,6 +335,7 @@ def test_topology_weights_imagenet_fails_clearly_without_weights(tmp_path, monke
     monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "no_such_vgg19.pth"))  # no download attempt
     wf = workflow(
         "em_membrane_2d",
+        loss="@loss_options#border_ce_dice_topology",
         topology_weights="imagenet",
         **synthetic(tmp_path),
         **tiny("em_membrane_2d", tmp_path),
