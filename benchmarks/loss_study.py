@@ -338,6 +338,9 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path,
     ctx = {"class_weight": balanced_class_weights(np.bincount(labels.ravel(), minlength=2)).tolist()}
     build, keys, schedule = LOSSES[loss_name]
 
+    # the code (and shipped weights) the run starts with; a row written later must not claim a newer commit
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    commit = commit.strip()
     torch.manual_seed(seed)
     net = bundle_network().to(device)
     loss_fn = build(ctx).to(device)
@@ -389,9 +392,7 @@ def train_one(loss_name: str, seed: int, budget: str, data: Path, results: Path,
         "diverged": diverged,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit,
         "curve": curve,
     }
     from skimage.io import imsave
