@@ -92,14 +92,15 @@ def _border_ce_dice(extra: dict | None = None):
     """Border-weighted CE + Dice (the bundle's pixel loss), plus optional extra terms ``name -> (loss, weight)``."""
     import segloss
 
-    losses = {"ce": segloss.WeightedCrossEntropyLoss(), "dice": DICE()}
+    losses = {"ce": segloss.WeightedCrossEntropyLoss(), "dice": membrane_dice()}
     weights = {"ce": 1.0, "dice": 1.0}
     for name, (loss, w) in (extra or {}).items():
         losses[name], weights[name] = loss, w
     return segloss.CompoundLoss(losses, weights, term_kwargs={name: [] for name in losses if name != "ce"})
 
 
-def DICE():
+def membrane_dice():
+    """Dice of the membrane channel only (background left out), as the bundle's ``dice`` option."""
     import segloss
 
     return segloss.DiceLoss(include_background=False, to_onehot_y=True, softmax=True)
@@ -127,7 +128,7 @@ LOSSES = {
         None,
     ),
     "border_ce": (lambda ctx: __import__("segloss").WeightedCrossEntropyLoss(), ["weight_map"], None),
-    "dice": (lambda ctx: DICE(), [], None),
+    "dice": (lambda ctx: membrane_dice(), [], None),
     "dice_ce": (lambda ctx: __import__("segloss").DiceCELoss(to_onehot_y=True, softmax=True), [], None),
     "focal": (lambda ctx: __import__("segloss").FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0), [], None),
     "tversky": (
