@@ -459,21 +459,22 @@ def time_steps(budget: str, losses, repeats: int = 5, steps: int = 10) -> dict[s
 # ---------------------------------------------------------------------------------------------------- report
 
 METRICS = ["dice", "cldice", "betti0", "betti1", "betti", "completeness", "correctness", "quality", "step_s", "peak_mb"]
+SCORES = ("dice", "cldice", "completeness", "correctness", "quality")  # in [0, 1]: three decimals
 
 
-def read_runs(results: Path) -> list[dict]:
+def read_runs(results: Path, order=ORDER) -> list[dict]:
     rows = [json.loads(p.read_text()) for p in sorted((results / "rows").glob("*.json"))]
-    return sorted(rows, key=lambda r: (ORDER.index(r["loss"]) if r["loss"] in ORDER else 99, r["seed"]))
+    return sorted(rows, key=lambda r: (order.index(r["loss"]) if r["loss"] in order else 99, r["seed"]))
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, metrics=METRICS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["loss", "seed", *METRICS, "steps", "diverged", "device"])
+        writer.writerow(["loss", "seed", *metrics, "steps", "diverged", "device"])
         for r in rows:
             writer.writerow(
-                [r["loss"], r["seed"], *(f"{r[m]:.6g}" for m in METRICS), r["steps"], r["diverged"], r["device"]]
+                [r["loss"], r["seed"], *(f"{r[m]:.6g}" for m in metrics), r["steps"], r["diverged"], r["device"]]
             )
 
 
@@ -481,40 +482,46 @@ def _mean_sd(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def summary_table(rows: list[dict], timing: dict[str, float] | None) -> str:
-    """Markdown: per loss, mean +- sample sd over seeds, and the per-seed (paired) Betti change against CE."""
+def summary_table(rows: list[dict], timing: dict[str, float] | None, order=ORDER, columns=None) -> str:
+    """Markdown: per loss, mean +- sample sd over seeds of each column, and the per-seed (paired) Betti change
+    against CE. ``columns`` maps metric -> header (default: the 2D study's)."""
+    columns = columns or {
+        "dice": "Dice",
+        "cldice": "clDice",
+        "betti0": "Betti-0 err",
+        "betti1": "Betti-1 err",
+        "betti": "Betti err",
+    }
     by_loss: dict[str, list[dict]] = {}
     for r in rows:
         by_loss.setdefault(r["loss"], []).append(r)
     ce = {r["seed"]: r for r in by_loss.get("ce", [])}
-    head = (
-        "| loss | seeds | Dice | clDice | Betti-0 err | Betti-1 err | Betti err | Betti err vs CE (paired) "
-        "| compl. / corr. / quality | step time vs CE | peak MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for name in [n for n in ORDER if n in by_loss]:
+    delineation = all("quality" in r for r in rows)
+    heads = ["loss", "seeds", *columns.values(), "Betti err vs CE (paired)"]
+    heads += ["compl. / corr. / quality"] * delineation + ["step time vs CE", "peak MB"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name in [n for n in order if n in by_loss]:
         rs = by_loss[name]
-        cell = {}
-        for m in METRICS:
+        cells = [name + (" (diverged)" if any(r["diverged"] for r in rs) else ""), str(len(rs))]
+        for m in columns:
             mu, sd = _mean_sd([r[m] for r in rs])
-            digits = 3 if m in ("dice", "cldice", "completeness", "correctness", "quality") else 1
-            cell[m] = f"{mu:.{digits}f} ± {sd:.{digits}f}" if not math.isnan(sd) else f"{mu:.{digits}f}"
+            digits = 3 if m in SCORES else 1
+            cells.append(f"{mu:.{digits}f} ± {sd:.{digits}f}" if not math.isnan(sd) else f"{mu:.{digits}f}")
         paired = [r["betti"] / ce[r["seed"]]["betti"] - 1 for r in rs if r["seed"] in ce and ce[r["seed"]]["betti"] > 0]
         if name == "ce" or not paired:
-            vs_ce = "—"
+            cells.append("—")
         else:
-            vs_ce = f"{100 * statistics.mean(paired):+.0f} % ({', '.join(f'{100 * p:+.0f}' for p in paired)})"
-        cost = f"{timing[name] / timing['ce']:.2f}x" if timing and name in timing and "ce" in timing else "—"
-        qual = " / ".join(
-            f"{statistics.mean([r[m] for r in rs]):.3f}" for m in ("completeness", "correctness", "quality")
-        )
-        diverged = " (diverged)" if any(r["diverged"] for r in rs) else ""
-        lines.append(
-            f"| {name}{diverged} | {len(rs)} | {cell['dice']} | {cell['cldice']} | {cell['betti0']} | {cell['betti1']} "
-            f"| {cell['betti']} | {vs_ce} | {qual} | {cost} | {statistics.mean([r['peak_mb'] for r in rs]):.0f} |"
-        )
-    return head + "\n".join(lines) + "\n"
+            cells.append(f"{100 * statistics.mean(paired):+.0f} % ({', '.join(f'{100 * p:+.0f}' for p in paired)})")
+        if delineation:
+            cells.append(
+                " / ".join(
+                    f"{statistics.mean([r[m] for r in rs]):.3f}" for m in ("completeness", "correctness", "quality")
+                )
+            )
+        cells.append(f"{timing[name] / timing['ce']:.2f}x" if timing and name in timing and "ce" in timing else "—")
+        cells.append(f"{statistics.mean([r['peak_mb'] for r in rs]):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_doc_table(budget: str, table: str, command: str, doc: Path = DOC) -> None:
@@ -616,29 +623,21 @@ def pending(results: Path, losses, seeds) -> list[tuple[str, int]]:
     return [(n, s) for n in losses for s in seeds if not (results / "rows" / f"{n}_s{s}.json").is_file()]
 
 
-def run_all(todo, args, results: Path) -> None:
-    """Train the missing runs, ``--workers`` subprocesses at a time (each an independent, resumable run)."""
+def run_all(todo, worker_argv, workers: int, results: Path, threads: int) -> None:
+    """Train the missing runs, ``workers`` subprocesses at a time (each an independent, resumable run).
+
+    ``worker_argv(name, seed)`` is the command line of one run; its output goes to ``<results>/logs/``.
+    """
     running: list[tuple[subprocess.Popen, str, int, float]] = []
     todo = list(todo)
-    env = {**os.environ, "OMP_NUM_THREADS": str(BUDGETS[args.budget]["threads"])}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    (results / "logs").mkdir(parents=True, exist_ok=True)
     while todo or running:
-        while todo and len(running) < args.workers:
+        while todo and len(running) < workers:
             name, seed = todo.pop(0)
-            cmd = [
-                sys.executable,
-                __file__,
-                "--budget",
-                args.budget,
-                "--data",
-                str(args.data),
-                "--results",
-                str(results),
-            ]
-            cmd += ["--fold", str(args.fold), "--run", name, str(seed)]
             log = open(results / "logs" / f"{name}_s{seed}.log", "w")
-            running.append(
-                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name, seed, time.time())
-            )
+            proc = subprocess.Popen(worker_argv(name, seed), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, name, seed, time.time()))
             print(f"started {name} seed {seed}", flush=True)
         time.sleep(2)
         for item in list(running):
@@ -693,7 +692,12 @@ def main(argv=None) -> None:
     if not args.report:
         load_sections(args.data, range(30))  # fail now, not in every worker
         training_maps(load_sections(args.data, FOLDS[args.fold][0])[1], results / "cache")  # once, before the workers
-        run_all(pending(results, losses, args.seeds or BUDGETS[args.budget]["seeds"]), args, results)
+        def worker_argv(name, seed):
+            return [sys.executable, __file__, "--budget", args.budget, "--data", str(args.data), "--results",
+                    str(results), "--fold", str(args.fold), "--run", name, str(seed)]
+
+        todo = pending(results, losses, args.seeds or BUDGETS[args.budget]["seeds"])
+        run_all(todo, worker_argv, args.workers, results, BUDGETS[args.budget]["threads"])
     rows = read_runs(results)
     if not rows:
         raise SystemExit(f"no finished runs in {results / 'rows'}")
