@@ -692,9 +692,23 @@ def main(argv=None) -> None:
     if not args.report:
         load_sections(args.data, range(30))  # fail now, not in every worker
         training_maps(load_sections(args.data, FOLDS[args.fold][0])[1], results / "cache")  # once, before the workers
+
         def worker_argv(name, seed):
-            return [sys.executable, __file__, "--budget", args.budget, "--data", str(args.data), "--results",
-                    str(results), "--fold", str(args.fold), "--run", name, str(seed)]
+            return [
+                sys.executable,
+                __file__,
+                "--budget",
+                args.budget,
+                "--data",
+                str(args.data),
+                "--results",
+                str(results),
+                "--fold",
+                str(args.fold),
+                "--run",
+                name,
+                str(seed),
+            ]
 
         todo = pending(results, losses, args.seeds or BUDGETS[args.budget]["seeds"])
         run_all(todo, worker_argv, args.workers, results, BUDGETS[args.budget]["threads"])

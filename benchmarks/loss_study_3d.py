@@ -43,11 +43,31 @@ BUNDLE_CONFIG = REPO / "bundles" / "ct_spleen_3d" / "configs" / "train.json"
 PUBLISHED = ("cpu",)
 BUDGETS = {
     # steps, patch edge, patches per step, Adam learning rate (cosine to 0), evaluations on the way, seeds, volumes
-    "cpu": {"steps": 1200, "patch": 48, "batch": 2, "lr": 1e-3, "evals": 4, "seeds": [0, 1, 2], "threads": 1,
-            "train": 16, "val": 6, "size": 96},
+    "cpu": {
+        "steps": 1200,
+        "patch": 48,
+        "batch": 2,
+        "lr": 1e-3,
+        "evals": 4,
+        "seeds": [0, 1, 2],
+        "threads": 1,
+        "train": 16,
+        "val": 6,
+        "size": 96,
+    },
     # for the tests
-    "tiny": {"steps": 3, "patch": 32, "batch": 1, "lr": 1e-3, "evals": 1, "seeds": [0], "threads": 1,
-             "train": 2, "val": 1, "size": 48},
+    "tiny": {
+        "steps": 3,
+        "patch": 32,
+        "batch": 1,
+        "lr": 1e-3,
+        "evals": 1,
+        "seeds": [0],
+        "threads": 1,
+        "train": 2,
+        "val": 1,
+        "size": 48,
+    },
 }
 TOPOLOGY_MU = 0.1  # the weight of the topology term in the 2D study and TopologyAwareLoss's default
 
@@ -229,8 +249,9 @@ def train_one(loss_name: str, seed: int, budget: str, results: Path) -> dict:
     loss_fn = build().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["steps"])
-    sampler = PatchSampler(data["train_image"], data["train_label"], data["train_skeleton"], cfg["patch"],
-                           cfg["batch"], seed)
+    sampler = PatchSampler(
+        data["train_image"], data["train_label"], data["train_skeleton"], cfg["patch"], cfg["batch"], seed
+    )
     eval_at = {round(cfg["steps"] * (k + 1) / cfg["evals"]) for k in range(cfg["evals"])}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -283,8 +304,12 @@ def time_steps(budget: str, losses, repeats: int = 5, steps: int = 5) -> dict[st
     torch.set_num_threads(cfg["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = volumes(cfg, loss_study.RESULTS / f"loss_study_3d_{budget}" / "cache")
-    batch = {k: v.to(device) for k, v in PatchSampler(data["train_image"], data["train_label"],
-                                                      data["train_skeleton"], cfg["patch"], cfg["batch"], 0)().items()}
+    batch = {
+        k: v.to(device)
+        for k, v in PatchSampler(
+            data["train_image"], data["train_label"], data["train_skeleton"], cfg["patch"], cfg["batch"], 0
+        )().items()
+    }
     nets = {}
     for name in losses:
         torch.manual_seed(0)
@@ -402,8 +427,17 @@ def main(argv=None) -> None:
         volumes(cfg, results / "cache")  # once, before the workers
 
         def worker_argv(name, seed):
-            return [sys.executable, __file__, "--budget", args.budget, "--results", str(results), "--run", name,
-                    str(seed)]
+            return [
+                sys.executable,
+                __file__,
+                "--budget",
+                args.budget,
+                "--results",
+                str(results),
+                "--run",
+                name,
+                str(seed),
+            ]
 
         todo = loss_study.pending(results, losses, args.seeds or cfg["seeds"])
         loss_study.run_all(todo, worker_argv, args.workers, results, cfg["threads"])
@@ -415,7 +449,9 @@ def main(argv=None) -> None:
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else None
     table = loss_study.summary_table(rows, timing, ORDER, COLUMNS)
     loss_study.write_doc_table(
-        results.name.removeprefix("loss_study_"), table, f"python benchmarks/loss_study_3d.py --budget {args.budget}",
+        results.name.removeprefix("loss_study_"),
+        table,
+        f"python benchmarks/loss_study_3d.py --budget {args.budget}",
         doc,
     )
     print(table)

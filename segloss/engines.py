@@ -17,31 +17,23 @@ From a bundle config::
     }
 
 with a ``weight_map`` key in each batch (``BorderWeightMapd(keys="label", weight_key="weight_map")`` in the
-transforms). The loss must accept it: every segloss loss but the Lovász and topology losses does
-(``forward(input, target, weight_map=None)``); a loss that does not raises ``TypeError`` rather than train
-unweighted (:func:`~segloss.losses.compound.call_loss`), and :class:`~segloss.losses.CompoundLoss` passes it to
-its terms (``term_kwargs`` keeps it away from a term that does not take it).
-
-:func:`vgg19_weights` picks the topology term's VGG-19 weights from a bundle option, so that a bundle runs on an
-offline machine (``"auto"``) or insists on the paper's ImageNet features (``"imagenet"``).
+transforms). The loss must take every keyword routed to it: every segloss loss but the Lovász and topology losses
+takes ``weight_map`` (``forward(input, target, weight_map=None)``), :class:`~segloss.losses.SkeletonRecallLoss`
+takes ``skeleton``. A loss whose ``forward`` does not take a routed keyword raises ``TypeError`` naming both
+(:func:`~segloss.losses.compound.call_loss`) rather than train without it; :class:`~segloss.losses.CompoundLoss`
+hands each keyword to the terms that take it (``term_kwargs`` restricts that) and raises when none does.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from segloss.losses.compound import call_loss
-from segloss.networks.vgg import WeightsNotFoundError, load_vgg19_state_dict
 
-__all__ = ["LossKwargsIteration", "vgg19_weights"]
-
-logger = logging.getLogger(__name__)
-
+__all__ = ["LossKwargsIteration"]
 
 class _BoundLoss:
     """``loss(pred, target)`` -> ``call_loss(loss, pred, target, **kwargs)`` for one iteration."""
@@ -63,17 +55,21 @@ class LossKwargsIteration:
     checkpoints, schedules and handlers see the configured loss object.
 
     Args:
-        keys: loss keyword -> batch key, default ``{"weight_map": "weight_map"}``.
+        keys: loss keyword -> batch key, or a sequence of names that are both (``["weight_map", "skeleton"]``);
+            default ``{"weight_map": "weight_map"}``.
         allow_missing_keys: when a batch lacks a key, call the loss without that keyword instead of raising
             ``KeyError``.
 
-    A keyword is dropped for losses whose ``forward`` does not take it (e.g. ``skeleton`` for a plain MONAI loss),
-    like :class:`~segloss.losses.CompoundLoss` does for its terms, except ``weight_map``, which raises
-    ``TypeError`` there: the loss would silently be unweighted.
+    A keyword that the loss's ``forward`` does not take raises ``TypeError`` naming it and the loss (e.g.
+    ``skeleton`` for a plain MONAI loss), instead of being dropped.
     """
 
-    def __init__(self, keys: Mapping[str, str] | None = None, allow_missing_keys: bool = False) -> None:
-        keys = {"weight_map": "weight_map"} if keys is None else dict(keys)
+    def __init__(self, keys: Mapping[str, str] | Sequence[str] | None = None, allow_missing_keys: bool = False) -> None:
+        if keys is None:
+            keys = {"weight_map": "weight_map"}
+        elif isinstance(keys, str) or not isinstance(keys, Mapping):
+            keys = {key: key for key in ([keys] if isinstance(keys, str) else keys)}
+        keys = dict(keys)
         if not keys or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
             raise ValueError(f"`keys` must be a non-empty mapping of loss keyword -> batch key, got {keys!r}.")
         self.keys = keys
@@ -103,34 +99,3 @@ class LossKwargsIteration:
             return engine._iteration(engine, batchdata)
         finally:
             engine.loss_function = loss
-
-
-def vgg19_weights(choice: str | os.PathLike | None = "auto") -> str | os.PathLike | Mapping | None:
-    """The ``weights`` argument of :class:`segloss.losses.TopologyLoss` for a bundle option ``choice``.
-
-    - ``"auto"``: the ImageNet VGG-19 if it is on this machine (``$SEGLOSS_VGG19_WEIGHTS`` or torch hub's cache;
-      nothing is downloaded), else a seeded random initialisation, with a warning saying so. The random-feature
-      term is still a multi-scale perceptual loss on the probability map (random 3x3 filter banks respond to
-      lines and gaps), but it is not the paper's ImageNet term.
-    - ``"imagenet"``: the ImageNet weights, downloaded when online; otherwise
-      :class:`segloss.networks.WeightsNotFoundError` lists how to provide them.
-    - ``"random"`` or None: the seeded random initialisation.
-    - a path: that state dict.
-    """
-    if choice == "auto":
-        try:
-            state = load_vgg19_state_dict("imagenet", download=False)
-        except WeightsNotFoundError:
-            logger.warning(
-                "topology term: ImageNet VGG-19 weights not found on this machine (set $SEGLOSS_VGG19_WEIGHTS or "
-                "use topology_weights='imagenet' to download them); using seeded RANDOM VGG-19 features instead."
-            )
-            return None
-        logger.info("topology term: ImageNet VGG-19 weights found on this machine.")
-        return state
-    if choice is None or choice == "random":
-        logger.info("topology term: seeded random VGG-19 features (topology_weights='random').")
-        return None
-    if not isinstance(choice, (str, os.PathLike)):
-        raise TypeError(f"`choice` must be 'auto', 'imagenet', 'random', None or a path, got {type(choice).__name__}.")
-    return choice

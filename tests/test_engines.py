@@ -142,26 +142,15 @@ def test_custom_keys_and_losses_without_the_keyword():
     # a loss whose forward has no weight_map (plain MONAI) raises rather than train unweighted
     with pytest.raises(TypeError, match="MSELoss.forward takes no `weight_map`"):
         _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration()).run()
-    # another keyword (an alternative target) is left out: it is called as loss(pred, label)
-    _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration({"skeleton": "weight_map"})).run()
+    # so does any other routed keyword (an alternative target): no batch entry is dropped without a word
+    with pytest.raises(TypeError, match="MSELoss.forward takes no `skeleton`"):
+        _trainer(nn.MSELoss(), batches, iteration_update=LossKwargsIteration({"skeleton": "weight_map"})).run()
     with pytest.raises(ValueError, match="keys"):
         LossKwargsIteration({})
 
 
-def test_vgg19_weights_choices(tmp_path, monkeypatch, caplog):
-    from segloss.engines import vgg19_weights
-
-    monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "missing.pth"))  # never a download
-    with caplog.at_level("WARNING", logger="segloss.engines"):
-        assert vgg19_weights("auto") is None
-    assert "RANDOM VGG-19 features" in caplog.text
-    assert vgg19_weights("random") is None and vgg19_weights(None) is None
-    assert vgg19_weights("imagenet") == "imagenet"  # TopologyLoss then searches (and fails clearly offline)
-    state = {"features.0.weight": torch.zeros(64, 3, 3, 3), "features.0.bias": torch.zeros(64)}
-    torch.save(state, tmp_path / "vgg.pth")
-    monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "vgg.pth"))
-    found = vgg19_weights("auto")
-    assert set(found) == set(state), "weights on the machine are used"
-    assert vgg19_weights(str(tmp_path / "vgg.pth")) == str(tmp_path / "vgg.pth")
-    with pytest.raises(TypeError, match="choice"):
-        vgg19_weights(3)
+def test_keys_as_a_list_of_names():
+    assert LossKwargsIteration(["weight_map", "skeleton"]).keys == {"weight_map": "weight_map", "skeleton": "skeleton"}
+    assert LossKwargsIteration("weight_map").keys == {"weight_map": "weight_map"}
+    with pytest.raises(ValueError, match="keys"):
+        LossKwargsIteration([])

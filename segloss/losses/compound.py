@@ -19,33 +19,29 @@ def _accepted_kwargs(loss: nn.Module) -> set[str] | None:
     return {p.name for p in params}
 
 
-# Keywords that weigh the loss: a loss that cannot take one would silently mean something else, so it raises.
-# Other keywords (an alternative target such as ``skeleton``) reach only the losses that take them.
+# Keywords that weigh the loss: a term that cannot take one would silently mean something else, so it raises.
+# Other keywords (an alternative target such as ``skeleton``) reach only the terms that take them.
 WEIGHTING_KEYWORDS = frozenset({"weight_map"})
 
 
 def call_loss(loss: nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Call ``loss(input, target, **kwargs)`` with the keyword arguments its ``forward`` takes.
-
-    Lets a ``skeleton`` reach the terms that use it while plain MONAI losses in the same sum are called as
-    ``loss(input, target)``.
+    """Call ``loss(input, target, **kwargs)``, refusing a keyword that its ``forward`` does not take.
 
     Raises:
-        TypeError: naming the keyword and the loss when a weighting keyword (``weight_map``) reaches a loss whose
-            ``forward`` does not take it (e.g. a Lovász loss or a plain MONAI loss): the loss would silently
-            be unweighted. In a :class:`CompoundLoss`, ``term_kwargs`` keeps it away from such a term.
+        TypeError: naming the keywords and the loss when ``forward`` takes neither them nor ``**kwargs`` (e.g. a
+            ``weight_map`` for a Lovász loss or a plain MONAI loss): the batch entry would be dropped without a
+            word. Route it only to losses that take it (``LossKwargsIteration(keys=...)``, or a
+            :class:`CompoundLoss` with ``term_kwargs``).
     """
     if kwargs:
         accepted = _accepted_kwargs(loss)
-        if accepted is not None:
-            dropped = sorted((set(kwargs) - accepted) & WEIGHTING_KEYWORDS)
-            if dropped:
-                raise TypeError(
-                    f"{type(loss).__name__}.forward takes no {', '.join(f'`{k}`' for k in dropped)}, so it would "
-                    "be left unweighted. Do not pass it to this loss, or in a CompoundLoss leave it out of this "
-                    "term's `term_kwargs` (e.g. term_kwargs={'<term>': []})."
-                )
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        refused = [] if accepted is None else sorted(set(kwargs) - accepted)
+        if refused:
+            raise TypeError(
+                f"{type(loss).__name__}.forward takes no {', '.join(f'`{k}`' for k in refused)}, so it would be "
+                "dropped. Do not pass it to this loss, or in a CompoundLoss leave it out of this term's "
+                "`term_kwargs` (e.g. term_kwargs={'<term>': []})."
+            )
     return loss(input, target, **kwargs)
 
 
@@ -53,10 +49,11 @@ class CompoundLoss(nn.Module):
     """Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
 
     Any callable ``nn.Module`` loss works as a term (segloss or MONAI). Keyword arguments of ``forward`` (e.g.
-    ``weight_map``, ``skeleton``) go to every term, or, for a term named in ``term_kwargs``, only the keywords
-    listed there (e.g. keep the border weight map away from a Dice term). A term whose ``forward`` does not take a
-    keyword is called without it, except ``weight_map``: that raises ``TypeError`` naming both (:func:`call_loss`)
-    unless ``term_kwargs`` leaves it out for that term, so no term is left unweighted without a word.
+    ``weight_map``, ``skeleton``) go to the terms whose ``forward`` takes them, or, for a term named in
+    ``term_kwargs``, to it only when listed there (e.g. keep the border weight map away from a Dice term). No
+    keyword is dropped without a word: ``TypeError`` names it when ``weight_map`` reaches a term that does not take
+    it (it would be left unweighted; leave it out with ``term_kwargs``), when ``term_kwargs`` lists a keyword its
+    term does not take, or when no term takes a keyword at all.
     The detached value of each term from the last call is kept in :attr:`last_terms` for logging.
 
     From a MONAI bundle config::
@@ -123,16 +120,29 @@ class CompoundLoss(nn.Module):
             raise ValueError(f"weight of term {name!r} must be finite and >= 0, got {value}.")
         self.weights[name] = value
 
+    def _routed(self, name: str, keys) -> set[str]:
+        """The keywords among ``keys`` that term ``name`` receives (``call_loss`` then refuses what it cannot take)."""
+        allowed = self.term_kwargs.get(name)
+        if allowed is not None:
+            return set(keys) & allowed
+        accepted = _accepted_kwargs(self.losses[name])
+        return set(keys) if accepted is None else set(keys) & (accepted | WEIGHTING_KEYWORDS)
+
     def forward(self, input: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+        routed = {name: self._routed(name, kwargs) for name in self.losses}
+        unused = set(kwargs).difference(*routed.values())
+        if unused:
+            raise TypeError(
+                f"no term of this CompoundLoss ({', '.join(self.losses)}) takes "
+                f"{', '.join(f'`{k}`' for k in sorted(unused))}: do not pass it, or add a term that uses it."
+            )
         total = None
         terms = {}
         for name, loss in self.losses.items():
             w = self.weights[name]
             if w == 0.0:
                 continue  # a switched-off term (e.g. before its warm-up ends) costs nothing
-            allowed = self.term_kwargs.get(name)
-            term_kw = kwargs if allowed is None else {k: v for k, v in kwargs.items() if k in allowed}
-            value = call_loss(loss, input, target, **term_kw)
+            value = call_loss(loss, input, target, **{k: kwargs[k] for k in routed[name]})
             terms[name] = value.detach()
             total = w * value if total is None else total + w * value
         self.last_terms = terms

@@ -332,7 +332,7 @@ class TopologyAwareLoss(CompoundLoss):
     A :class:`~segloss.losses.CompoundLoss` with terms ``"pixel"`` (weight 1) and ``"topology"`` (weight ``mu``):
     keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only (``weight_map`` raises if
     its ``forward`` does not take it), the last term values are in :attr:`last_terms`, and ``set_weight("topology", mu)`` changes ``mu``
-    (e.g. a warm-up schedule; ``mu=0`` skips the VGG pass).
+    (e.g. a warm-up schedule; ``mu=0`` skips the feature pass).
 
     Args:
         pixel_loss: any loss module taking ``(input, target)`` (segloss or MONAI), e.g. BCE or Dice+CE.

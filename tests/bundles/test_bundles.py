@@ -303,7 +303,7 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
     wf = workflow(
         "em_membrane_2d",
         loss="@loss_options#border_ce_dice_topology",  # the default (Dice) takes no weight map
-        weight_map_to_loss=True,
+        loss_batch_keys=["weight_map"],
         max_epochs=1,
         epoch_length=2,
         val_interval=10,
@@ -328,6 +328,41 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
     for got, batch_map in zip(received, batches):
         torch.testing.assert_close(got.as_tensor().cpu(), batch_map.as_tensor(), rtol=0, atol=0)
         assert got.max() > 2.0, "border weights (w0 = 10) are present, not a map of ones"
+
+
+@pytest.mark.parametrize(
+    "bundle, option", [("em_membrane_2d", "border_ce_dice_topology"), ("ct_spleen_3d", "dice_ce_topology")]
+)
+def test_topology_weights_auto_offline_is_the_shipped_prior_and_none_is_random_vgg(
+    bundle, option, tmp_path, monkeypatch
+):
+    """No ImageNet VGG-19 on disk: topology_weights='auto' builds MaskFeatures (2D, and its 3D twin), None random VGG-19."""
+    from monai.bundle import ConfigParser
+
+    from segloss.networks import MaskFeatures, VGG19Features
+
+    monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "no_such_vgg19.pth"))  # no download attempt
+    for weights, extractor in (("auto", MaskFeatures), (None, VGG19Features)):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+        parser["topology_weights"] = weights
+        topology = parser.get_parsed_content(f"loss_options#{option}").losses["topology"]
+        assert isinstance(topology.feature_extractor, extractor)
+        assert (topology.volume_extractor is not None) == (weights == "auto")
+
+
+def test_em_batch_key_the_loss_cannot_take_stops_the_first_step(tmp_path):
+    """loss_batch_keys routes the skeleton to the default Dice loss, which has no such keyword: TypeError, not a drop."""
+    wf = workflow(
+        "em_membrane_2d",
+        loss_batch_keys=["skeleton"],
+        max_epochs=1,
+        **synthetic(tmp_path),
+        **tiny("em_membrane_2d", tmp_path),
+    )
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert "DiceLoss.forward takes no `skeleton`" in _error_chain(err)
 
 
 def test_topology_weights_imagenet_fails_clearly_without_weights(tmp_path, monkeypatch):

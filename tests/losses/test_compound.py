@@ -71,6 +71,20 @@ def test_keywords_go_to_terms_that_accept_them_and_term_kwargs_restricts():
         CompoundLoss({"a": Recorder()}, term_kwargs={"z": []})
 
 
+def test_no_keyword_is_dropped_without_a_word():
+    x, y = data(5)
+    s = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    # no term takes `skeleton`: the batch entry would be lost
+    with pytest.raises(TypeError, match="no term of this CompoundLoss \\(ce, plain\\) takes `skeleton`"):
+        CompoundLoss({"ce": WeightedCrossEntropyLoss(), "plain": PlainLoss()})(x, y, skeleton=s)
+    # term_kwargs lists a keyword its term cannot take
+    with pytest.raises(TypeError, match="PlainLoss.forward takes no `skeleton`"):
+        CompoundLoss({"a": Recorder(), "plain": PlainLoss()}, term_kwargs={"plain": ["skeleton"]})(x, y, skeleton=s)
+    # called on its own, a loss refuses any keyword its forward lacks
+    with pytest.raises(TypeError, match="PlainLoss.forward takes no `skeleton`"):
+        call_loss(PlainLoss(), x, y, skeleton=s)
+
+
 def test_call_loss_passes_everything_to_var_keyword_forward():
     class Kw(nn.Module):
         def forward(self, input, target, **kwargs):
