@@ -81,6 +81,35 @@ def test_loss_study_trains_reports_and_resumes(loss_study, tmp_path, capsys):
         assert (tmp_path / "figures" / f"loss_study_tiny_{kind}.png").stat().st_size > 0
 
 
+@pytest.fixture(scope="module")
+def loss_study_3d():
+    sys.path.insert(0, str(BENCHMARKS))  # it imports loss_study from beside it
+    spec = importlib.util.spec_from_file_location("loss_study_3d", BENCHMARKS / "loss_study_3d.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loss_study_3d_trains_reports_and_resumes(loss_study_3d, tmp_path, capsys):
+    results, doc = tmp_path / "results" / "loss_study_3d_tiny", tmp_path / "loss_study.md"
+    losses = ["ce", "dice_ce_skeleton_recall", "dice_ce_topology_volume"]
+    for name in losses:
+        row = loss_study_3d.train_one(name, 0, "tiny", results)
+        assert row["steps"] == loss_study_3d.BUDGETS["tiny"]["steps"] and 0 <= row["cldice"] <= 1
+        assert row["betti"] == row["betti0"] + row["betti1"] + row["betti2"] >= 0
+    data = loss_study_3d.volumes(loss_study_3d.BUDGETS["tiny"], results / "cache")
+    assert data["train_label"].any() and (data["train_skeleton"] <= data["train_label"]).all()
+
+    args = ["--budget", "tiny", "--results", str(results), "--losses", *losses, "--seeds", "0"]
+    loss_study_3d.main([*args, "--doc", str(doc), "--figures", str(tmp_path / "figures")])
+    assert "started" not in capsys.readouterr().out  # every run was finished: nothing is trained again
+    rows = (results.parent / "loss_study_3d_tiny.csv").read_text().splitlines()
+    assert rows[0].startswith("loss,seed,dice,cldice,betti0,betti1,betti2,betti,") and len(rows) == 1 + len(losses)
+    assert "<!-- table:3d_tiny -->" in doc.read_text()
+    for kind in ("metrics", "projections"):
+        assert (tmp_path / "figures" / f"loss_study_3d_tiny_{kind}.png").stat().st_size > 0
+
+
 def test_loss_study_timing_is_relative_to_ce(loss_study):
     timing = loss_study.time_steps("tiny", ["ce", "dice_ce"], repeats=1, steps=1)
     assert set(timing) == {"ce", "dice_ce"} and all(t > 0 for t in timing.values())
