@@ -35,6 +35,7 @@ from segloss.losses.compound import call_loss
 
 __all__ = ["LossKwargsIteration"]
 
+
 class _BoundLoss:
     """``loss(pred, target)`` -> ``call_loss(loss, pred, target, **kwargs)`` for one iteration."""
 

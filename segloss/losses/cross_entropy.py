@@ -20,6 +20,7 @@ from segloss.losses.inputs import (
     _plain,
     check_input_shape,
     check_reduction,
+    finite_loss,
     per_class_weight,
     prepare_target,
     safe_ratio,
@@ -53,6 +54,7 @@ def check_ce_args(
             )
 
 
+@finite_loss
 def weighted_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor | Target,
@@ -70,13 +72,9 @@ def weighted_cross_entropy(
     reduction = check_reduction(reduction)
     check_ce_args(input, weight_map, label_smoothing=label_smoothing, sigmoid=sigmoid, pos_weight=pos_weight)
     B, C = input.shape[:2]
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     eps = float(label_smoothing)
     fused = fused_paths_enabled() and not sigmoid and tgt.labels is not None and eps == 0 and reduction != "none"
-    if not fused:  # the fused path checks its sum instead
-        tgt.check_input(input)
     with torch.autocast(input.device.type, enabled=False):
         x = _plain(input).float().reshape(B, C, -1)
         N = x.shape[-1]
@@ -97,7 +95,6 @@ def weighted_cross_entropy(
             if fused:
                 v = label_voxel_weight(tgt, cw)
                 total = _fused.LabelCrossEntropy.apply(x, tgt.labels, v)
-                tgt.check_input_through(total)  # NaN/Inf in the input make the sum NaN/Inf: no pass over the input
                 return total if reduction == "sum" else safe_ratio(total, B * N if v is None else v.sum())
             y = tgt.labels if tgt.labels is not None else tgt.dense
             if w is None and cw is None and reduction != "none":

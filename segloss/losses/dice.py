@@ -25,6 +25,7 @@ from segloss.losses.inputs import (
     Target,
     Weight,
     check_reduction,
+    finite_loss,
     per_class_weight,
     reduce_loss,
     safe_ratio,
@@ -40,6 +41,7 @@ from segloss.losses.overlap import (
 __all__ = ["DiceLoss", "GeneralizedDiceLoss", "JaccardLoss", "dice_from_stats", "dice_loss", "generalized_dice_loss"]
 
 
+@finite_loss
 def dice_loss(
     input: torch.Tensor,
     target: torch.Tensor | Target,
@@ -105,6 +107,7 @@ def dice_from_stats(
     return reduce_loss(f, reduction, s.spatial_ndim)
 
 
+@finite_loss
 def generalized_dice_loss(
     input: torch.Tensor,
     target: torch.Tensor | Target,

@@ -12,9 +12,8 @@ from segloss.losses.cross_entropy import check_ce_args, weighted_cross_entropy
 from segloss.losses.dice import dice_from_stats
 from segloss.losses.inputs import (
     Weight,
-    _plain,
-    check_finite,
     check_reduction,
+    finite_loss,
     per_class_weight,
     prepare_target,
     safe_ratio,
@@ -24,6 +23,7 @@ from segloss.losses.overlap import OverlapLossBase, check_lambda, check_options,
 __all__ = ["DiceCELoss", "dice_ce_loss"]
 
 
+@finite_loss
 def dice_ce_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -64,11 +64,8 @@ def dice_ce_loss(
     bce = C == 1 or (sigmoid_ce and sigmoid)
     ce_smoothing = label_smoothing if C > 1 else 0.0  # MONAI's BCE term of one channel has no smoothing
     check_ce_args(input, weight_map, label_smoothing=ce_smoothing, sigmoid=bce, pos_weight=weight if bce else None)
-    # one prepared target (checks, ignore mask, weight map) for both terms; the Dice term checks the input (on its
-    # sums in the fused path), before the CE term reads it
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
+    # one prepared target (checks, ignore mask, weight map) for both terms
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     s = class_stats(
         input,
         tgt,
@@ -87,9 +84,6 @@ def dice_ce_loss(
     if s.ce_sum is not None:  # softmax + label map: the CE came from the same softmax
         ce = s.ce_sum if reduction == "sum" else safe_ratio(s.ce_sum, s.ce_den)
         return lambda_dice * dice + lambda_ce * ce
-    # the Dice term may have checked the input through its sums only, which accept a -Inf logit; the CE term
-    # (smoothed, or BCE) diverges there, so it needs the full check
-    check_finite(_plain(input), "input")
     if bce:
         # MONAI: BCE-with-logits, `weight` as pos_weight, no label smoothing for one channel
         ce = weighted_cross_entropy(

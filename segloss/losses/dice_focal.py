@@ -11,6 +11,7 @@ from segloss.losses.dice import dice_loss
 from segloss.losses.focal import focal_loss, set_alpha
 from segloss.losses.inputs import (
     Weight,
+    finite_loss,
     per_class_weight,
     prepare_target,
 )
@@ -19,6 +20,7 @@ from segloss.losses.overlap import OverlapLossBase, check_lambda
 __all__ = ["DiceFocalLoss", "dice_focal_loss"]
 
 
+@finite_loss
 def dice_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,

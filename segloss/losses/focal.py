@@ -30,6 +30,7 @@ from segloss.losses.inputs import (
     Weight,
     _plain,
     check_reduction,
+    finite_loss,
     first_class,
     per_class_weight,
     prepare_target,
@@ -84,16 +85,12 @@ def _softmax_focal(
     if tgt.labels is not None:
         t = tgt.labels
         idx = (t - start).clamp_min(0) if start else t  # channel among the n used; background voxels are zeroed below
-        if own_softmax:  # channel 0 stays out of the loss: its logits are checked on their own
-            tgt.check_input(x)
         at_label = _fused.SoftmaxFocalAtLabel.apply if fused_paths_enabled() else _softmax_focal_at_label
         loss = at_label(x[:, start:] if own_softmax else x, idx if own_softmax else t, gamma)
-        tgt.check_input_through(loss)  # NaN/Inf in the input, found in the per-voxel loss: no pass over the input
         if factor is not None or start:
             loss = loss * _pad(factor, n, start, x)[t]
         loss = loss.unsqueeze(1)
         return loss.new_zeros(x.shape[0], n, x.shape[2]).scatter(1, idx.unsqueeze(1), loss) if none else loss
-    tgt.check_input(x)
     logp = torch.log_softmax(x[:, start:], 1) if own_softmax else torch.log_softmax(x, 1)[:, start:]
     loss = -(1 - logp.exp()).pow(gamma) * logp * tgt.dense[:, start:]
     return loss if factor is None else loss * factor.view(n, 1)
@@ -139,6 +136,7 @@ def _sigmoid_focal(
     return loss if none else loss.unsqueeze(1)
 
 
+@finite_loss
 def focal_loss(
     input: torch.Tensor,
     target: torch.Tensor | Target,
@@ -165,11 +163,7 @@ def focal_loss(
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"A scalar `alpha` must lie in [0, 1], got {alpha}.")
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
-    if not use_softmax:
-        tgt.check_input(input)
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     B, C = input.shape[:2]
     start = first_class(include_background, C)
     n = C - start

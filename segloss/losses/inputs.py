@@ -20,7 +20,7 @@ serves 2D and 3D.
 
 from __future__ import annotations
 
-import math
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,9 +31,9 @@ __all__ = [
     "Target",
     "Weight",
     "activate",
-    "check_finite",
     "check_input_shape",
     "check_sync_batch",
+    "finite_loss",
     "per_class_weight",
     "first_class",
     "input_checks_enabled",
@@ -74,13 +74,27 @@ def validate_act_args(sigmoid: bool, softmax: bool, other_act: Callable | None) 
         raise ValueError("Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None].")
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
-    if not (input_checks_enabled() and x.is_floating_point()):
-        return
-    # One reduction instead of a full boolean mask: a NaN/Inf anywhere makes the sum non-finite. The sum
-    # can also overflow on finite data, so the exact elementwise test runs only then.
-    if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"`{name}` contains NaN or Inf values.")
+def finite_loss(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Decorator of a functional loss: its value must be finite, else ``ValueError`` names ``input``.
+
+    The targets and weight maps are checked where they are read (:func:`prepare_target`); the input is checked
+    through the loss it gives, one reduction of the (small) result instead of another pass over the input. A NaN
+    logit makes the loss NaN; so does +Inf under a softmax, and -Inf at the label under a log (cross-entropy,
+    focal). A -Inf logit that only makes a probability 0 (a masked class) or an infinity that saturates a sigmoid
+    gives a finite loss and a finite gradient, and is accepted.
+    """
+
+    @functools.wraps(loss_fn)
+    def checked(*args, **kwargs) -> torch.Tensor:
+        value = loss_fn(*args, **kwargs)
+        if input_checks_enabled() and not bool(torch.isfinite(value.detach().sum())):
+            raise ValueError(
+                "`input` contains NaN or Inf values that make the loss non-finite (a -Inf logit is accepted where "
+                "it only makes a probability 0)."
+            )
+        return value
+
+    return checked
 
 
 def activate(
@@ -114,8 +128,6 @@ class Target:
             targets): 0 where ignored, the weight-map value elsewhere. ``None`` means all ones.
         num_classes: ``C``, the number of prediction channels.
         spatial_shape: the original spatial shape, for ``reduction="none"`` outputs.
-        input_checked: whether the input has been checked for NaN/Inf (see ``check_input`` of
-            :func:`prepare_target`).
     """
 
     labels: torch.Tensor | None
@@ -123,29 +135,6 @@ class Target:
     weight: torch.Tensor | None
     num_classes: int
     spatial_shape: torch.Size
-    input_checked: bool = True
-
-    def check_input(self, input: torch.Tensor) -> None:
-        """Check ``input`` for NaN/Inf unless that has been done for this target."""
-        if not self.input_checked:
-            check_finite(_plain(input), "input")
-            self.input_checked = True
-
-    def check_input_through(self, *results: torch.Tensor) -> None:
-        """The same check, done on results of a softmax of the input instead of one more pass over it.
-
-        A NaN or +Inf logit makes its voxel's softmax NaN, so every sum over that voxel NaN. A -Inf logit is a
-        probability of 0 and passes, unless a result diverges through it: a voxel without a finite logit, or -Inf
-        at the label under a log (cross-entropy, focal).
-        """
-        if self.input_checked:
-            return
-        # one read-back (a device sync on the GPU) for all results
-        if input_checks_enabled() and not math.isfinite(float(sum(r.detach().sum() for r in results))):
-            raise ValueError(
-                "`input` contains NaN or Inf values (-Inf logits are accepted where they only make a probability 0)."
-            )
-        self.input_checked = True
 
     @property
     def is_labels(self) -> bool:
@@ -182,7 +171,6 @@ def prepare_target(
     to_onehot_y: bool = False,
     ignore_index: int | None = None,
     weight_map: torch.Tensor | None = None,
-    check_input: bool = True,
 ) -> Target:
     """Read ``target`` against ``input`` ``(B,C,*)``.
 
@@ -200,15 +188,12 @@ def prepare_target(
     ``weight_map`` ``(B,1,*)``, ``(B,*)`` or ``(B,C,*)`` (dense targets only for the latter) multiplies the
     voxel weight; it must be finite and non-negative.
 
-    ``input`` is checked too: NaN/Inf in it raise here, so every loss validates its input and target in one place.
-    ``check_input=False`` leaves that to the caller, which must then either check results of a softmax of the input
-    (:meth:`Target.check_input_through`: the fused label-map paths check their sums or loss, which saves a pass over
-    the input) or call :meth:`Target.check_input`.
+    ``input`` is checked for its shape only; NaN/Inf in it are found in the loss value (:func:`finite_loss`), so no
+    loss makes one more pass over the input.
 
     A :class:`Target` (prepared by an earlier call for the same input, e.g. by a compound loss for each of its
-    terms) is returned as it is after a shape check (and the input check, if still due and ``check_input``): it
-    already holds the ignore mask and the weight map, so ``to_onehot_y`` and ``ignore_index`` do not apply and
-    ``weight_map`` must be None.
+    terms) is returned as it is after a shape check: it already holds the ignore mask and the weight map, so
+    ``to_onehot_y`` and ``ignore_index`` do not apply and ``weight_map`` must be None.
 
     Raises:
         ValueError: naming ``target``, ``input`` or ``weight_map`` for shape mismatches, non-integer or
@@ -219,17 +204,7 @@ def prepare_target(
     B, C = input.shape[:2]
     spatial = input.shape[2:]
     if isinstance(target, Target):
-        if weight_map is not None:
-            raise ValueError("`weight_map` must be None with a prepared Target: its weight is already in the Target.")
-        items = (target.labels if target.is_labels else target.dense).shape[0]
-        if target.num_classes != C or target.spatial_shape != spatial or items != B:
-            raise ValueError(
-                f"The prepared `target` ({items} items, {target.num_classes} classes, spatial "
-                f"{tuple(target.spatial_shape)}) was made for another input than {tuple(input.shape)}."
-            )
-        if check_input:
-            target.check_input(input)
-        return target
+        return _checked_prepared(target, input.shape, weight_map)
     target = _plain(target)
     if C == 1 and target.ndim == input.ndim - 1:
         target = target.unsqueeze(1)  # one channel: a (B,*) target is its binary mask, not class indices
@@ -251,9 +226,20 @@ def prepare_target(
     if weight_map is not None:
         wm = _read_weight_map(weight_map, input.shape, is_labels)
         weight = wm if weight is None else weight * wm
-    if check_input:
-        check_finite(input, "input")  # last: the activation that follows then reads the input while it is in cache
-    return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial, input_checked=check_input)
+    return Target(labels, dense, weight, num_classes=C, spatial_shape=spatial)
+
+
+def _checked_prepared(target: Target, input_shape: torch.Size, weight_map: torch.Tensor | None) -> Target:
+    """A :class:`Target` prepared earlier, checked to be made for an input of ``input_shape``."""
+    if weight_map is not None:
+        raise ValueError("`weight_map` must be None with a prepared Target: its weight is already in the Target.")
+    items = (target.labels if target.is_labels else target.dense).shape[0]
+    if target.num_classes != input_shape[1] or target.spatial_shape != input_shape[2:] or items != input_shape[0]:
+        raise ValueError(
+            f"The prepared `target` ({items} items, {target.num_classes} classes, spatial "
+            f"{tuple(target.spatial_shape)}) was made for another input than {tuple(input_shape)}."
+        )
+    return target
 
 
 def _read_label_map(target: torch.Tensor, input_shape: torch.Size, ignore_index: int | None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from segloss.losses.inputs import (
     Weight,
     activate,
     check_reduction,
+    finite_loss,
     first_class,
     per_class_weight,
     prepare_target,
@@ -185,6 +186,7 @@ def lovasz_rows(
     return loss, total, count
 
 
+@finite_loss
 def lovasz_softmax(
     input: torch.Tensor,
     target: torch.Tensor,

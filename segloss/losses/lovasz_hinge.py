@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segloss.losses.inputs import _plain, check_reduction, input_checks_enabled, prepare_target
+from segloss.losses.inputs import _plain, check_reduction, finite_loss, input_checks_enabled, prepare_target
 from segloss.losses.lovasz import lovasz_reduce, lovasz_rows
 from segloss.losses.lovasz_binned import check_tolerance
 
 __all__ = ["LovaszHingeLoss", "lovasz_hinge"]
 
 
+@finite_loss
 def lovasz_hinge(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -98,9 +98,7 @@ def class_stats(
     returns the class-weighted (``ce_weight``) cross-entropy sum from the same softmax.
     """
     validate_act_args(sigmoid, softmax, other_act)
-    tgt = prepare_target(
-        input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map, check_input=False
-    )
+    tgt = prepare_target(input, target, to_onehot_y=to_onehot_y, ignore_index=ignore_index, weight_map=weight_map)
     ce_sum = ce_den = None
     if fused_paths_enabled() and softmax and tgt.is_labels:  # multi-class: fused, memory-lean softmax + sums (+ CE)
         B, C = input.shape[:2]
@@ -110,13 +108,11 @@ def class_stats(
             if with_ce:
                 v = label_voxel_weight(tgt, per_class_weight(ce_weight, "weight", C, x.device))
             tp, ps, ts, ce_sum = _fused.SoftmaxLabelStats.apply(x, tgt, squared_pred, batch, sync_batch, v, with_ce)
-        tgt.check_input_through(ps, ce_sum)  # NaN/Inf in the input, found in the sums: no pass over it
         if with_ce:
             ce_den = x.new_tensor(float(tgt.labels.numel())) if v is None else v.sum()
         else:
             ce_sum = None
     else:
-        tgt.check_input(input)
         p = activate(input, sigmoid=sigmoid, softmax=softmax, other_act=other_act)
         if p.shape != input.shape:
             raise ValueError(f"`other_act` must keep the input's shape {tuple(input.shape)}, got {tuple(p.shape)}.")

@@ -19,6 +19,7 @@ from segloss.losses.inputs import (
     activate,
     check_reduction,
     check_sync_batch,
+    finite_loss,
     prepare_target,
     reduce_loss,
     validate_act_args,
@@ -27,6 +28,7 @@ from segloss.losses.inputs import (
 __all__ = ["SkeletonRecallLoss", "skeleton_recall"]
 
 
+@finite_loss
 def skeleton_recall(
     tp: torch.Tensor, skeleton_sum: torch.Tensor, smooth_nr: float = 1.0, smooth_dr: float = 1.0
 ) -> torch.Tensor:

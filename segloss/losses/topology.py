@@ -25,6 +25,7 @@ from segloss.losses.compound import CompoundLoss
 from segloss.losses.inputs import (
     activate,
     check_reduction,
+    finite_loss,
     prepare_target,
     reduce_loss,
     validate_act_args,
@@ -115,6 +116,7 @@ def min_image_size(feature_extractor: nn.Module) -> int:
     return 2 ** sum(isinstance(m, nn.MaxPool2d) for m in feature_extractor.modules())
 
 
+@finite_loss
 def topology_loss(
     pred: torch.Tensor,
     target: torch.Tensor,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from segloss.losses.inputs import check_reduction, reduce_loss
+from segloss.losses.inputs import check_reduction, finite_loss, reduce_loss
 from segloss.losses.overlap import (
     ClassStats,
     OverlapLossBase,
@@ -51,6 +51,7 @@ def _check_ab(alpha: float, beta: float) -> tuple[float, float]:
     return alpha, beta
 
 
+@finite_loss
 def tversky_loss(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -84,6 +85,7 @@ def tversky_loss(
     return reduce_loss(f, reduction)
 
 
+@finite_loss
 def focal_tversky_loss(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -156,24 +156,17 @@ def test_compound_losses_prepare_the_target_once(monkeypatch, loss_kwargs, targe
     from segloss.losses import inputs
 
     calls = []
-    real, real_through = inputs.check_finite, inputs.Target.check_input_through
-
-    def through(tgt, *results):
-        if not tgt.input_checked:
-            calls.append("fused sums")
-        real_through(tgt, *results)
-
-    monkeypatch.setattr(inputs, "check_finite", lambda x, name: (calls.append(name), real(x, name)))
-    monkeypatch.setattr(inputs.Target, "check_input_through", through)
+    for reader in ("_read_label_map", "_read_dense"):
+        real = getattr(inputs, reader)
+        monkeypatch.setattr(inputs, reader, lambda *a, real=real, reader=reader: (calls.append(reader), real(*a))[1])
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     lab = torch.randint(0, 3, (2, 1, 6, 5))
     target = lab if target_kind == "labels" else F.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
     name, kwargs = loss_kwargs
     loss = (DiceCELoss if name == "ce" else DiceFocalLoss)(**kwargs)
     loss(x, target).backward()
-    # the input went through one check for both terms: a pass over it, or the fused Dice path's check of its sums
-    fused = name == "ce" and kwargs.get("softmax") and target_kind == "labels"
-    assert calls == (["fused sums"] if fused else ["input"])
+    # the target was read (and checked) once for both terms
+    assert calls == (["_read_label_map"] if target_kind == "labels" else ["_read_dense"])
 
 
 @pytest.mark.parametrize("n", [5, 8, 11, 12])  # with 4-voxel blocks: one row per item; blocks; blocks + a tail
