@@ -120,6 +120,14 @@ def _skeleton_recall():
     )
 
 
+def _dice_ce_then_lovasz():
+    """The CT bundle's default: DiceCE, plus Lovász-Softmax (weight 1) from half the budget on (``SCHEDULES``)."""
+    import segloss
+
+    lovasz = segloss.LovaszSoftmaxLoss(include_background=False, to_onehot_y=True, softmax=True)
+    return segloss.CompoundLoss({"dice_ce": _dice_ce(), "lovasz": lovasz}, {"dice_ce": 1.0, "lovasz": 0.0})
+
+
 # name -> (builder() -> loss module, the batch keys its forward takes)
 LOSSES = {
     "ce": (lambda: __import__("segloss").WeightedCrossEntropyLoss(), []),
@@ -130,10 +138,13 @@ LOSSES = {
     "dice_ce": (_dice_ce, []),
     "dice_ce_skeleton_recall": (_skeleton_recall, ["skeleton"]),
     "dice_ce_soft_cldice": (SoftclDice, []),
+    "dice_ce_then_lovasz": (_dice_ce_then_lovasz, []),
     "dice_ce_topology_slices": (lambda: _with_topology("slices"), []),
     "dice_ce_topology_volume": (lambda: _with_topology("volume"), []),
     "dice_ce_vgg_random_slices": (lambda: _with_topology("vgg_random"), []),
 }
+# name -> the term-weight points of a loss whose weights change during training, for ``steps`` steps
+SCHEDULES = {"dice_ce_then_lovasz": lambda steps: {"lovasz": [(0, 0.0), (steps // 2, 1.0)]}}
 ORDER = list(LOSSES)  # cheap, decisive comparisons first, the expensive VGG term last
 COLUMNS = {
     "dice": "Dice",
@@ -247,6 +258,11 @@ def train_one(loss_name: str, seed: int, budget: str, results: Path) -> dict:
     torch.manual_seed(seed)
     net = bundle_network().to(device)
     loss_fn = build().to(device)
+    schedule = SCHEDULES.get(loss_name)
+    if schedule is not None:
+        from segloss.losses import TermWeightSchedule
+
+        schedule = TermWeightSchedule(schedule(cfg["steps"]), mode="step")
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["steps"])
     sampler = PatchSampler(
@@ -260,6 +276,8 @@ def train_one(loss_name: str, seed: int, budget: str, results: Path) -> dict:
     start = time.perf_counter()
     for step in range(cfg["steps"]):
         batch = {k: v.to(device) for k, v in sampler().items()}
+        if schedule is not None:
+            schedule.apply(loss_fn, step)
         t0 = time.perf_counter()
         loss = loss_fn(net(batch["image"]), batch["label"], **{k: batch[k] for k in keys})
         optimizer.zero_grad(set_to_none=True)
@@ -314,7 +332,10 @@ def time_steps(budget: str, losses, repeats: int = 5, steps: int = 5) -> dict[st
     for name in losses:
         torch.manual_seed(0)
         net = bundle_network().to(device)
-        nets[name] = (net, LOSSES[name][0]().to(device), torch.optim.Adam(net.parameters(), 1e-3))
+        loss_fn = LOSSES[name][0]().to(device)
+        for term in SCHEDULES.get(name, lambda steps: {})(1):  # a scheduled loss costs its most expensive phase
+            loss_fn.set_weight(term, 1.0)
+        nets[name] = (net, loss_fn, torch.optim.Adam(net.parameters(), 1e-3))
 
     def step(name):
         net, loss_fn, opt = nets[name]
