@@ -46,7 +46,14 @@ def call_loss(loss: nn.Module, input: torch.Tensor, target: torch.Tensor, **kwar
 
 
 class CompoundLoss(nn.Module):
-    """Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
+    r"""Weighted sum of named loss terms: ``sum_k weights[k] * losses[k](input, target)``.
+
+    .. math::
+
+        \mathcal{L}(x, y) = \sum_{k \,:\, \lambda_k > 0} \lambda_k \, \mathcal{L}_k(x, y, \text{kwargs}_k)
+
+    with ``lambda_k`` = ``weights[k]`` and ``kwargs_k`` the ``forward`` keywords routed to term ``k`` (below); a
+    term of weight 0 is not called, and with every weight 0 the loss is a zero that keeps the graph.
 
     Any callable ``nn.Module`` loss works as a term (segloss or MONAI). Keyword arguments of ``forward`` (e.g.
     ``weight_map``, ``skeleton``) go to the terms whose ``forward`` takes them, or, for a term named in
@@ -72,7 +79,22 @@ class CompoundLoss(nn.Module):
         weights: a mapping name -> weight, or a sequence in the order of ``losses``; missing weights default to 1.
             Weights may be changed between steps with :meth:`set_weight` (e.g. by a schedule).
         term_kwargs: optional mapping term name -> the ``forward`` keyword names that term receives (``[]`` for
-            none); terms not named receive every keyword.
+            none); terms not named receive every keyword their ``forward`` takes, and ``weight_map`` (see above).
+
+    Example:
+        Cross-entropy plus half a Dice term; the border weight map reaches the cross-entropy only:
+
+        >>> import monai
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import CompoundLoss, DiceLoss, WeightedCrossEntropyLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label, w = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8)), torch.rand(2, 1, 8, 8)
+        >>> terms = {"ce": WeightedCrossEntropyLoss(), "dice": DiceLoss(to_onehot_y=True, softmax=True)}
+        >>> loss = CompoundLoss(terms, weights={"ce": 1.0, "dice": 0.5}, term_kwargs={"dice": []})
+        >>> ce = (w[:, 0] * F.cross_entropy(logits, label[:, 0], reduction="none")).sum() / w.sum()
+        >>> dice = monai.losses.DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
+        >>> torch.allclose(loss(logits, label, weight_map=w), ce + 0.5 * dice), sorted(loss.last_terms)
+        (True, ['ce', 'dice'])
     """
 
     def __init__(

@@ -151,30 +151,43 @@ def _sigmoid_ce(
 
 
 class WeightedCrossEntropyLoss(nn.Module):
-    """Cross-entropy with class weights, ignore labels, label smoothing and per-voxel weight maps.
+    r"""Cross-entropy with class weights, ignore labels, label smoothing and per-voxel weight maps.
 
     **Softmax mode** (default; logits ``(B, C, *spatial)``, ``C >= 2``, one class per voxel): for voxel ``i``
     the loss ``l_i`` is exactly ``torch.nn.functional.cross_entropy(..., reduction="none")`` with
     ``weight=class_weight`` and ``label_smoothing``, for an integer label map or a one-hot / soft target
     ``(B, C, *)``. With the voxel weight ``v_i`` (0 where ignored, else the ``weight_map`` value, 1 without one)
-    and the voxel's class weight ``c_i``::
+    and the voxel's class weight ``c_i``:
 
-        "mean":  sum_i v_i l_i / sum_i v_i c_i        "sum": sum_i v_i l_i        "none": v_i l_i, shape (B, *spatial)
+    .. math::
 
-    ``c_i`` is ``class_weight[y_i]`` for a label ``y_i`` and ``sum_c class_weight_c g_ic`` for a dense target ``g`` (1
-    without class weights). For labels this is ``F.cross_entropy``'s own ``"mean"`` (with ``ignore_index`` and
-    ``weight``). For a label map (without label smoothing) the sum is one fused autograd Function that keeps no
-    ``(B, C, *)`` tensor for the backward (torch's keeps the log-softmax and allocates two more in its backward), so
-    its peak memory is lower (0.35-0.61x ``F.cross_entropy``'s in the benchmarks). For probability targets with
-    ``class_weight`` it deliberately differs from torch, which divides by the number of voxels: here a one-hot
-    target gives the same value as the equivalent label map. ``"none"`` has torch's shape ``(B, *spatial)`` (no
-    channel axis).
+        \ell_i = -\sum_{c=1}^{C} \omega_c \, g'_{ic} \log \operatorname{softmax}(x_i)_c, \qquad
+        g'_{ic} = (1 - \varepsilon) \, g_{ic} + \frac{\varepsilon}{C}, \qquad c_i = \sum_c \omega_c \, g_{ic}
 
-    **Sigmoid mode** (``sigmoid=True``, MONAI's name; binary or multi-label): per element
-    ``l_ic = q_c y'_ic softplus(-x_ic) + (1 - y'_ic) softplus(x_ic)`` as
-    ``F.binary_cross_entropy_with_logits`` with ``pos_weight`` ``q`` (per channel), smoothed targets
-    ``y' = y (1 - eps) + eps / 2``, and the element weight ``v_ic = class_weight_c * voxel weight``.
-    ``"mean"`` is ``sum v l / sum v``, ``"none"`` is ``v l`` of shape ``(B, C, *spatial)``. Unlike
+        \text{mean} = \frac{\sum_i v_i \ell_i}{\sum_i v_i c_i}, \qquad \text{sum} = \sum_i v_i \ell_i, \qquad
+        \text{none} = v_i \ell_i \ \text{of shape} \ (B, *\text{spatial})
+
+    with ``g`` the one-hot of the label (or the dense target), ``omega`` = ``class_weight`` (1 without one) and
+    ``epsilon`` = ``label_smoothing``; the sums run over all voxels of all items. ``c_i`` is ``class_weight[y_i]``
+    for a label ``y_i`` and ``sum_c class_weight_c g_ic`` for a dense target ``g`` (1 without class weights). For
+    labels this is ``F.cross_entropy``'s own ``"mean"`` (with ``ignore_index`` and ``weight``). For a label map
+    (without label smoothing) the sum is one fused autograd Function that keeps no ``(B, C, *)`` tensor for the
+    backward (torch's keeps the log-softmax and allocates two more in its backward), so its peak memory is lower
+    (0.35-0.61x ``F.cross_entropy``'s in the benchmarks). For probability targets with ``class_weight`` it
+    deliberately differs from torch, which divides by the number of voxels: here a one-hot target gives the same
+    value as the equivalent label map. ``"none"`` has torch's shape ``(B, *spatial)`` (no channel axis).
+
+    **Sigmoid mode** (``sigmoid=True``, MONAI's name; binary or multi-label): per element (voxel ``i``, channel
+    ``c``), as ``F.binary_cross_entropy_with_logits`` with ``pos_weight`` ``q`` (per channel), smoothed targets
+    ``y'`` and the element weight ``v_ic = class_weight_c * voxel weight``:
+
+    .. math::
+
+        \ell_{ic} = q_c \, y'_{ic} \operatorname{softplus}(-x_{ic}) + (1 - y'_{ic}) \operatorname{softplus}(x_{ic}),
+        \qquad y' = (1 - \varepsilon) \, y + \frac{\varepsilon}{2}, \qquad
+        \text{mean} = \frac{\sum_{i,c} v_{ic} \ell_{ic}}{\sum_{i,c} v_{ic}}
+
+    ``"sum"`` is ``sum v l`` and ``"none"`` is ``v l`` of shape ``(B, C, *spatial)``. Unlike
     ``nn.BCEWithLogitsLoss(weight=...)``, which divides the weighted sum by the element count, the mean here is
     normalised by the weights (the two agree without weights, and always for ``"sum"`` and ``"none"``). The
     target is dense ``(B, C, *)`` (binary / multi-label / soft), or a label map: with ``C == 1`` a ``(B, 1, *)``
@@ -196,10 +209,24 @@ class WeightedCrossEntropyLoss(nn.Module):
             is read as a label map anyway).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
 
-    Example::
+    Example:
+        A ``weight_map`` (e.g. U-Net border weights) gives the weighted mean; with class weights and an ignore
+        label the loss is ``F.cross_entropy``'s:
 
-        loss = WeightedCrossEntropyLoss(class_weight=[0.1, 1.0, 3.0], ignore_index=255)
-        value = loss(logits, label, weight_map=border_weights)  # logits (B,3,H,W), label (B,1,H,W)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import WeightedCrossEntropyLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+        >>> w = torch.rand(2, 1, 8, 8)  # border_weights
+        >>> l_i = F.cross_entropy(logits, label[:, 0], reduction="none")
+        >>> torch.allclose(WeightedCrossEntropyLoss()(logits, label, weight_map=w), (w[:, 0] * l_i).sum() / w.sum())
+        True
+        >>> label[:, :, :2] = 255  # two ignored rows
+        >>> loss = WeightedCrossEntropyLoss(class_weight=[0.1, 1.0, 3.0], ignore_index=255)
+        >>> ref = F.cross_entropy(logits, label[:, 0], weight=torch.tensor([0.1, 1.0, 3.0]), ignore_index=255)
+        >>> torch.allclose(loss(logits, label), ref)
+        True
     """
 
     def __init__(

@@ -1,6 +1,5 @@
 """Dice-family overlap losses, drop-ins for MONAI 1.6.1's ``DiceLoss`` and ``GeneralizedDiceLoss`` (plus
-``JaccardLoss``); the sums with a voxel-wise term are in :mod:`segloss.losses.dice_ce` and
-:mod:`segloss.losses.dice_focal`.
+``JaccardLoss``); the sums with a voxel-wise term: :mod:`segloss.losses.dice_ce`, :mod:`segloss.losses.dice_focal`.
 
 All per-class statistics come from :func:`~segloss.losses.overlap.class_stats`: float32 with autocast off, an integer
 label map is never expanded to a one-hot volume (``tp`` is gathered/scattered at the labels), ``ignore_index`` and
@@ -177,19 +176,22 @@ def _check_w_type(w_type: str) -> str:
 
 
 class DiceLoss(OverlapLossBase):
-    """Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
+    r"""Soft Dice (or Jaccard) loss, a drop-in for MONAI 1.6.1's ``monai.losses.DiceLoss``.
 
-    For probabilities ``p`` (``input`` after the activation) and target ``g``, per item ``b`` (or over the batch
-    with ``batch=True``) and class ``c``, with voxel weights ``w`` (0 where ignored, else ``weight_map``)::
+    For probabilities ``p`` (``input`` after the activation) and target ``g``, per item ``b`` and class ``c`` (with
+    ``batch=True`` per class, the voxels ``v`` of all items summed), with voxel weights ``w`` (0 where ignored, else
+    ``weight_map``), ``q = 2`` with ``squared_pred`` (else 1) and ``s_nr``, ``s_dr`` = ``smooth_nr``, ``smooth_dr``:
 
-        tp = sum_v w p g,   P = sum_v w p  (w p^2 with squared_pred),   G = sum_v w g  (w g^2)
-        dice:    f = 1 - (2 tp + smooth_nr) / (P + G + smooth_dr)
-        jaccard: f = 1 - (2 tp + smooth_nr) / (2 (P + G - tp) + smooth_dr)
+    .. math::
 
-    times the class ``weight`` (applied, as MONAI, only with more than one class used), then reduced:
-    ``"none"`` gives MONAI's broadcastable ``(B, n, 1, ...)`` (``(n, 1, ...)`` with ``batch``). ``soft_label``
-    uses the L1/L2-norm form of ``tp`` (Wang & Blaschko 2023), exact for soft targets. Every value and input
-    gradient equals MONAI's for the options MONAI has.
+        \mathrm{tp} &= \sum_v w_v p_{vc} g_{vc}, \qquad P = \sum_v w_v p_{vc}^q, \qquad G = \sum_v w_v g_{vc}^q \\
+        f_{bc} &= \omega_c \left(1 - \frac{2 \, \mathrm{tp} + s_{nr}}{D + s_{dr}}\right), \qquad
+        D = \begin{cases} P + G & \text{dice} \\ 2 (P + G - \mathrm{tp}) & \text{jaccard} \end{cases}
+
+    with the class ``weight`` ``omega_c`` (applied, as MONAI, only with more than one class used), then reduced over
+    the (item, class) entries: ``"none"`` gives MONAI's broadcastable ``(B, n, 1, ...)`` (``(n, 1, ...)`` with
+    ``batch``). ``soft_label`` uses the L1/L2-norm form of ``tp`` (Wang & Blaschko 2023), exact for soft targets.
+    Every value and input gradient equals MONAI's for the options MONAI has.
 
     **Empty classes.** For an (item, class) with no target voxel, MONAI's smoothed ratio gives
     ``1 - smooth_nr / (sum p + smooth_dr)``: about 1 as soon as ``sum p`` is much larger than ``smooth_dr``, so a
@@ -221,10 +223,14 @@ class DiceLoss(OverlapLossBase):
         weight: class weight, scalar or one value per class used (``C - 1`` without background), >= 0.
         soft_label: exact formulation for soft (non-binary) targets.
 
-    Example::
-
-        loss = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
-        value = loss(logits, label)  # logits (B,C,H,W[,D]), label (B,1,H,W[,D]) integer
+    Example:
+        >>> from segloss.losses import DiceLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))  # (B,C,H,W[,D]), (B,1,H,W[,D])
+        >>> p, g = logits.softmax(1)[:, 1:], torch.eye(3)[label[:, 0]].movedim(-1, 1)[:, 1:]  # the formula above
+        >>> f = 1 - (2 * (p * g).sum((2, 3)) + 1e-5) / (p.sum((2, 3)) + g.sum((2, 3)) + 1e-5)
+        >>> torch.allclose(DiceLoss(to_onehot_y=True, softmax=True, include_background=False)(logits, label), f.mean())
+        True
     """
 
     def __init__(
@@ -291,7 +297,20 @@ class DiceLoss(OverlapLossBase):
 
 
 class JaccardLoss(DiceLoss):
-    """Soft Jaccard (IoU) loss: :class:`DiceLoss` with ``jaccard=True`` (keyword arguments as DiceLoss)."""
+    r"""Soft Jaccard (IoU) loss: :class:`DiceLoss` with ``jaccard=True`` (keyword arguments as DiceLoss), with its sums:
+
+    .. math::
+
+        f_{bc} = \omega_c \left(1 - \frac{2 \, \mathrm{tp} + s_{nr}}{2 (P + G - \mathrm{tp}) + s_{dr}}\right)
+
+    Example:
+        >>> import monai
+        >>> from segloss.losses import JaccardLoss
+        >>> _ = torch.manual_seed(0)
+        >>> x, g = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()  # logits, binary mask
+        >>> torch.allclose(JaccardLoss(sigmoid=True)(x, g), monai.losses.DiceLoss(sigmoid=True, jaccard=True)(x, g))
+        True
+    """
 
     def __init__(self, **kwargs) -> None:
         if "jaccard" in kwargs:
@@ -300,12 +319,15 @@ class JaccardLoss(DiceLoss):
 
 
 class GeneralizedDiceLoss(OverlapLossBase):
-    """Generalised Dice loss of Sudre et al. (DLMIA 2017), a drop-in for MONAI 1.6.1's ``GeneralizedDiceLoss``.
+    r"""Generalised Dice loss of Sudre et al. (DLMIA 2017), a drop-in for MONAI 1.6.1's ``GeneralizedDiceLoss``.
 
     With the per-class sums of :class:`DiceLoss` (no squaring) and class weights ``r_c`` from the target volume
-    ``G_c`` (``w_type``: ``"square"`` ``1/G_c^2``, ``"simple"`` ``1/G_c``, ``"uniform"`` 1)::
+    ``G_c`` (``w_type``: ``"square"`` ``1/G_c^2``, ``"simple"`` ``1/G_c``, ``"uniform"`` 1):
 
-        f = 1 - (2 sum_c r_c tp_c + smooth_nr) / (sum_c r_c (P_c + G_c) + smooth_dr)
+    .. math::
+
+        f_b = 1 - \frac{2 \sum_c r_c \, \mathrm{tp}_c + s_{nr}}{\sum_c r_c (P_c + G_c) + s_{dr}}, \qquad
+        r_c = \begin{cases} G_c^{-2}, G_c^{-1} \text{ or } 1 & G_c > 0 \\ \max_{G_{c'} > 0} r_{c'} & G_c = 0 \end{cases}
 
     per item (``(B, 1)``), or once over the batch with ``batch=True``. As MONAI, a class absent from the target
     (infinite ``r_c``) gets the largest finite weight of the item (of the batch with ``batch``), and an item whose
@@ -318,20 +340,19 @@ class GeneralizedDiceLoss(OverlapLossBase):
     already counts their false positives in the denominator).
 
     Args:
-        include_background: if False, channel 0 (background) is left out (ignored with a warning for one channel).
-        to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
-            target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
-        sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
-        smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
-        batch: sum the statistics over the batch before the ratio (one value per class).
-        ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
-            another value masks the elements equal to it (MONAI masks voxels with all channels zero there).
-        sync_batch: with ``batch=True``, all-reduce the per-class sums over ``torch.distributed`` ranks, so that
-            N DDP ranks give the loss and (DDP-averaged) gradients of one process holding the whole batch.
-        empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
+        include_background, to_onehot_y, sigmoid, softmax, other_act, smooth_nr, smooth_dr: as :class:`DiceLoss`.
+        reduction, batch, ignore_index, sync_batch, empty_target: as :class:`DiceLoss`, for the losses ``f_b`` above.
         w_type: ``"square"`` (default), ``"simple"`` or ``"uniform"``.
         soft_label: exact formulation for soft (non-binary) targets.
+
+    Example:
+        >>> import monai
+        >>> from segloss.losses import GeneralizedDiceLoss
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))  # logits, label map
+        >>> kw = dict(to_onehot_y=True, softmax=True)
+        >>> torch.allclose(GeneralizedDiceLoss(**kw)(x, y), monai.losses.GeneralizedDiceLoss(**kw)(x, y))
+        True
     """
 
     def __init__(

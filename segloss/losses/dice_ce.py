@@ -106,11 +106,23 @@ def dice_ce_loss(
 
 
 class DiceCELoss(OverlapLossBase):
-    """``lambda_dice * Dice + lambda_ce * cross-entropy``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceCELoss``.
+    r"""``lambda_dice * Dice + lambda_ce * cross-entropy``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceCELoss``.
 
     The Dice term is :func:`dice_loss`; the CE term is :func:`~segloss.losses.cross_entropy.weighted_cross_entropy`
     on the raw logits (the activation options act on the Dice term only). ``reduction`` is ``"mean"`` or
-    ``"sum"`` (MONAI has no ``"none"`` here). ``ignore_index`` and ``weight_map`` reach both terms.
+    ``"sum"`` (MONAI has no ``"none"`` here). ``ignore_index`` and ``weight_map`` reach both terms. With ``"mean"``:
+
+    .. math::
+
+        \mathcal{L} = \lambda_{\text{dice}} \operatorname{mean}_{b,c} f_{bc}
+        + \lambda_{\text{ce}} \frac{\sum_i v_i \ell_i}{\sum_i v_i c_i}
+
+    with ``f_bc`` the Dice (or Jaccard) loss of :class:`~segloss.losses.DiceLoss` (class weight ``weight``, or
+    ``weight[1:]`` without background), and ``l_i``, the voxel weight ``v_i`` and the voxel's class weight ``c_i``
+    of the softmax cross-entropy of :class:`~segloss.losses.WeightedCrossEntropyLoss` (class weight
+    ``weight``). ``"sum"`` takes each term's sum instead of its mean. The exceptions below change the CE term: the
+    one-channel (or ``sigmoid_ce``) BCE, and the CE denominator ``sum_i v_i`` (the voxel weights alone) for a dense
+    target with ``weight`` unless ``ce_weighted_mean``.
 
     MONAI conventions kept (defaults), with the opt-outs:
 
@@ -132,7 +144,7 @@ class DiceCELoss(OverlapLossBase):
         to_onehot_y: read the target as a label map of class indices (MONAI's name). A ``(B, 1, *)`` / ``(B, *)``
             target with ``C > 1`` channels is read as a label map anyway; it is never expanded to one-hot.
         sigmoid, softmax, other_act: activation of ``input`` (at most one), applied in float32.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(item, class) losses.
+        reduction: ``"mean"`` or ``"sum"`` (``"none"`` raises ``ValueError``, as MONAI): each term's mean or sum.
         smooth_nr, smooth_dr: added to the numerator / denominator (1e-5, MONAI's defaults).
         batch: sum the statistics over the batch before the ratio (one value per class).
         ignore_index: label whose voxels are left out; on a dense target a class index masks that class's voxels,
@@ -147,10 +159,21 @@ class DiceCELoss(OverlapLossBase):
         label_smoothing: CE label smoothing in [0, 1] (not applied to MONAI's one-channel BCE).
         sigmoid_ce, ce_weighted_mean: see above (default False = MONAI).
 
-    Example::
+    Example:
+        MONAI's Dice plus ``F.cross_entropy``, as MONAI's ``DiceCELoss``:
 
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-        value = loss(logits, label, weight_map=border_weights)
+        >>> import monai
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import DiceCELoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+        >>> loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5)
+        >>> dice = monai.losses.DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
+        >>> torch.allclose(loss(logits, label), dice + 0.5 * F.cross_entropy(logits, label[:, 0]))
+        True
+        >>> ref = monai.losses.DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5)
+        >>> torch.allclose(loss(logits, label), ref(logits, label))
+        True
     """
 
     def __init__(

@@ -76,15 +76,28 @@ def dice_focal_loss(
 
 
 class DiceFocalLoss(OverlapLossBase):
-    """``lambda_dice * Dice + lambda_focal * focal``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceFocalLoss``.
+    r"""``lambda_dice * Dice + lambda_focal * focal``, a drop-in for MONAI 1.6.1's ``monai.losses.DiceFocalLoss``.
 
     The Dice term is :func:`dice_loss`; the focal term is :func:`~segloss.losses.focal.focal_loss` on the raw
     logits. As MONAI 1.6.1 (which has no ``use_softmax`` here) the focal term is the **sigmoid** (per-channel
     binary) focal loss, also with ``softmax=True``; ``use_softmax=True`` takes the softmax focal loss instead
     (one class per voxel; its ``"mean"`` then divides by the valid voxels, like ``F.cross_entropy`` at
     ``gamma = 0``). ``include_background``, ``weight`` (one entry per channel *used*, ``C - 1`` without
-    background), ``alpha`` and ``reduction`` reach both terms as in MONAI; ``"none"`` is the broadcast sum of
-    Dice ``(B, n, 1, ...)`` and focal ``(B, n, *spatial)``.
+    background) and ``reduction`` reach both terms as in MONAI, ``alpha`` the focal term; ``"none"`` is the
+    broadcast sum of Dice ``(B, n, 1, ...)`` and focal ``(B, n, *spatial)``.
+
+    With ``"mean"``, for ``n`` channels used and the (weighted) valid voxel count ``V``:
+
+    .. math::
+
+        \mathcal{L} = \lambda_{\text{dice}} \operatorname{mean}_{b,c} f_{bc}
+        + \lambda_{\text{focal}} \frac{\sum_{b,c,v} \ell_{bcv}}{k \, V}, \qquad
+        k = \begin{cases} n & \text{sigmoid focal (default)} \\ 1 & \mathtt{use\_softmax} \end{cases}
+
+    with ``f_bc`` the Dice (or Jaccard) loss of :class:`~segloss.losses.DiceLoss` and ``l_bcv`` the focal
+    loss of :class:`~segloss.losses.FocalLoss` (``ce_mean=True``), both with the class ``weight`` of the
+    channels used. ``"sum"`` adds the sums (the focal one averaged over the spatial dims first, as MONAI's
+    ``FocalLoss``).
 
     ``ignore_index`` and ``weight_map`` (not in MONAI's DiceFocalLoss) reach both terms. The focal ``"mean"``
     divides by the (weighted) valid voxel count, times the channels used for the sigmoid focal term (its
@@ -111,6 +124,22 @@ class DiceFocalLoss(OverlapLossBase):
         lambda_dice, lambda_focal: term weights, >= 0.
         alpha: focal alpha (MONAI's conventions, see :class:`~segloss.losses.focal.FocalLoss`).
         use_softmax: softmax focal term instead of MONAI's sigmoid one.
+
+    Example:
+        Values equal MONAI's; with ``use_softmax`` and ``gamma = 0`` the focal term is ``F.cross_entropy``:
+
+        >>> import monai
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import DiceFocalLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+        >>> kw = dict(to_onehot_y=True, softmax=True, gamma=2.0)
+        >>> torch.allclose(DiceFocalLoss(**kw)(logits, label), monai.losses.DiceFocalLoss(**kw)(logits, label))
+        True
+        >>> loss = DiceFocalLoss(to_onehot_y=True, softmax=True, gamma=0.0, use_softmax=True)
+        >>> dice = monai.losses.DiceLoss(to_onehot_y=True, softmax=True)(logits, label)
+        >>> torch.allclose(loss(logits, label), dice + F.cross_entropy(logits, label[:, 0]))
+        True
     """
 
     def __init__(

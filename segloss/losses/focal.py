@@ -217,15 +217,23 @@ def set_alpha(module: nn.Module, alpha: Weight) -> None:
 
 
 class FocalLoss(nn.Module):
-    """Focal loss (Lin et al., ICCV 2017), a drop-in for MONAI 1.6.1's ``monai.losses.FocalLoss``.
+    r"""Focal loss (Lin et al., ICCV 2017), a drop-in for MONAI 1.6.1's ``monai.losses.FocalLoss``.
 
     For logits ``x`` ``(B, C, *spatial)`` and target ``g`` (one-hot / soft / multi-label, or a label map standing
-    for one-hot channels), per element (voxel v, channel c)::
+    for one-hot channels), per element (voxel v, channel c):
 
-        sigmoid (default):  l_vc = alpha_vc (1 - p_t)^gamma BCE(x_vc, g_vc),  p_t = sigmoid(x) if g = 1 else 1 - sigmoid(x)
-        softmax:            l_vc = -alpha_c (1 - p_vc)^gamma log(p_vc) g_vc,   p_v = softmax(x_v)
+    .. math::
 
-    times the class ``weight`` ``w_c`` and the voxel weight ``v_v`` (0 at ``ignore_index``, times ``weight_map``).
+        \text{sigmoid (default):} \quad \ell_{vc} = u_v \, w_c \, \alpha_{vc} \, (1 - p_t)^\gamma \,
+        \mathrm{BCE}(x_{vc}, g_{vc}), \qquad p_t = \begin{cases} \sigma(x_{vc}) & g_{vc} = 1 \\
+        1 - \sigma(x_{vc}) & g_{vc} = 0 \end{cases}
+
+        \text{softmax:} \quad \ell_{vc} = -u_v \, w_c \, \alpha_c \, (1 - p_{vc})^\gamma \log(p_{vc}) \, g_{vc},
+        \qquad p_v = \operatorname{softmax}(x_v)
+
+    with the class ``weight`` ``w_c`` and the voxel weight ``u_v`` (0 at ``ignore_index``, times ``weight_map``;
+    per element for a ``(B, C, *)`` weight map). For a soft target the sigmoid factor is computed as
+    ``sigmoid(x (1 - 2g))^gamma``, which is ``(1 - p_t)^gamma`` for ``g`` in {0, 1}.
     ``gamma = 0`` gives plain (alpha-weighted) cross-entropy. Alpha (MONAI's conventions): sigmoid, scalar:
     ``alpha`` for positives, ``1 - alpha`` for negatives; sigmoid, per class: ``alpha_c`` for positives (target
     exactly 1), 1 for negatives; softmax, scalar: ``1 - alpha`` for channel 0 and ``alpha`` for the others;
@@ -233,6 +241,14 @@ class FocalLoss(nn.Module):
     with ``include_background=False``).
 
     Reductions (with ``n`` channels used, ``V`` = sum of voxel weights, ``B N`` without weights or ignore):
+
+    .. math::
+
+        \text{mean} = \frac{\sum_{b,c,v} \ell_{bcv}}{k \, V}, \qquad
+        k = \begin{cases} 1 & \mathtt{ignore\_index} \text{ set and not } \mathtt{ce\_mean} \text{ (MONAI)},
+        \text{ or } \mathtt{use\_softmax} \text{ with } \mathtt{ce\_mean} \\ n & \text{otherwise} \end{cases}
+
+        \text{sum} = \sum_{b,c} \frac{\sum_v \ell_{bcv}}{V_b}
 
     - ``"none"``: ``(B, n, *spatial)``, as MONAI (for a label map the loss sits in the label's channel).
     - ``"mean"``: ``sum l / (n V)``; but when ``ignore_index`` is set MONAI divides by ``V`` alone (the number of
@@ -273,10 +289,22 @@ class FocalLoss(nn.Module):
         average_spatial_dims: MONAI's spatial averaging in ``"sum"`` (default True = MONAI).
         ce_mean: cross-entropy-like normalisation of ``"mean"`` (default False = MONAI).
 
-    Example::
+    Example:
+        Values equal MONAI's; ``gamma = 0`` with ``ce_mean=True`` is ``F.cross_entropy``:
 
-        loss = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0)
-        value = loss(logits, label)  # logits (B,C,D,H,W), label (B,1,D,H,W) integer
+        >>> import monai
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import FocalLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))  # 3D: (B,C,D,H,W), (B,1,D,H,W)
+        >>> loss = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0)
+        >>> ref = monai.losses.FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0)
+        >>> torch.allclose(loss(logits, label), ref(logits, label))
+        True
+        >>> ce = FocalLoss(use_softmax=True, gamma=0.0, ce_mean=True)
+        >>> torch.allclose(ce(logits, label), F.cross_entropy(logits, label[:, 0]))
+        True
     """
 
     def __init__(

@@ -245,12 +245,23 @@ def lovasz_softmax(
 
 
 class LovaszSoftmaxLoss(nn.Module):
-    """Lovász-Softmax loss (Berman et al., CVPR 2018): a convex surrogate of the mean Jaccard loss (1 - IoU).
+    r"""Lovász-Softmax loss (Berman et al., CVPR 2018): a convex surrogate of the mean Jaccard loss (1 - IoU).
 
     For probabilities ``p`` ``(B, C, *spatial)`` (the softmax of the logits by default) and ground truth ``g``
     (one-hot, or the label map standing for it), the loss of class ``c`` over a set of voxels is the Lovász
     extension of its Jaccard loss at the errors ``e_v = |g_vc - p_vc|`` (see the module docstring for the sorted
-    increments), computed for all (image, class) pairs by one batched sort. Any number of spatial dims.
+    increments), computed for all (image, class) pairs by one batched sort. Any number of spatial dims:
+
+    .. math::
+
+        l_c = \sum_{k=1}^{N} e_{(k)} \, (J_k - J_{k-1}), \qquad J_k = 1 - \frac{G - c_k}{G + k - c_k}
+
+        \mathcal{L} = \frac{\sum_c w_c \, l_c}{\sum_c w_c}
+
+    with the errors sorted decreasingly, ``e_(1) >= ... >= e_(N)`` over the ``N`` valid voxels, ``c_k`` the sum of
+    ``g_vc`` over the first ``k`` of them, ``G = sum_v g_vc``, ``J_0 = 0``, and the sum over the classes used (their
+    ``weight``, 1 without one), per image with ``per_image`` (then averaged over the images), else over the voxels
+    of the whole batch.
 
     Conventions:
 
@@ -300,10 +311,22 @@ class LovaszSoftmaxLoss(nn.Module):
         tolerance: None for the exact loss, or the largest allowed deviation from it (see above; softmax errors
             lie in [0, 1], so ``1e-3`` means 1000 bins).
 
-    Example::
+    Example:
+        At a hard (one-hot) prediction the loss is the mean Jaccard loss ``1 - IoU`` of the classes present:
 
-        loss = LovaszSoftmaxLoss(per_image=True, ignore_index=255)
-        value = loss(logits, label)  # logits (B,C,D,H,W), label (B,1,D,H,W) integer
+        >>> import torch.nn.functional as F
+        >>> from segloss.losses import LovaszSoftmaxLoss
+        >>> _ = torch.manual_seed(0)
+        >>> label, pred = torch.randint(0, 3, (2, 1, 8, 8)), torch.randint(0, 3, (2, 8, 8))  # 3D: (B,1,D,H,W)
+        >>> probs = F.one_hot(pred, 3).movedim(-1, 1).float()
+        >>> p, g = probs.bool(), F.one_hot(label[:, 0], 3).movedim(-1, 1).bool()
+        >>> iou = (p & g).sum((0, 2, 3)) / (p | g).sum((0, 2, 3))
+        >>> torch.allclose(LovaszSoftmaxLoss(softmax=False)(probs, label), 1 - iou.mean())
+        True
+        >>> label[:, :, :2] = 255  # ignored voxels; logits in, per-image losses out
+        >>> loss = LovaszSoftmaxLoss(per_image=True, ignore_index=255, reduction="none")
+        >>> loss(torch.randn(2, 3, 8, 8), label).shape
+        torch.Size([2])
     """
 
     def __init__(

@@ -54,11 +54,21 @@ def lovasz_hinge(
 
 
 class LovaszHingeLoss(nn.Module):
-    """Lovász hinge loss (Berman et al., CVPR 2018): a convex surrogate of the binary Jaccard loss, on logits.
+    r"""Lovász hinge loss (Berman et al., CVPR 2018): a convex surrogate of the binary Jaccard loss, on logits.
 
     For logits ``x`` and a binary ground truth ``g`` with signs ``s = 2g - 1``, the errors are the hinges
     ``e_v = max(0, 1 - x_v s_v)`` and the loss is the Lovász extension of the Jaccard loss of the foreground at
-    ``e`` (see the module docstring). Zero when every logit is on its correct side with margin >= 1.
+    ``e`` (see the module docstring). Zero when every logit is on its correct side with margin >= 1. Per channel
+    ``c`` (over the valid voxels of an image with ``per_image``, else of the whole batch):
+
+    .. math::
+
+        e_v = \max(0, 1 - x_{vc} \, (2 g_{vc} - 1)), \qquad l_c = \sum_{k=1}^{N} e_{(k)} \, (J_k - J_{k-1})
+
+        \mathcal{L} = \frac{1}{n} \sum_c l_c
+
+    with ``e_(1) >= ... >= e_(N)``, ``J_k`` the Jaccard loss of the first ``k`` sorted voxels (``J_0 = 0``, as in
+    :class:`LovaszSoftmaxLoss`) and ``n`` the channels with a valid voxel.
 
     - Binary: one channel ``(B, 1, *)`` with a ``(B, 1, *)`` / ``(B, *)`` mask in {0, 1}.
     - Multi-label: ``C`` channels with a dense ``(B, C, *)`` target (or a label map, meaning the one-vs-rest masks of
@@ -83,6 +93,16 @@ class LovaszHingeLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         tolerance: None for the exact loss, or the largest allowed deviation from it (hinge errors are not bounded:
             the number of bins is the largest hinge divided by ``tolerance``).
+
+    Example:
+        With logits of +-1 the hinges are 0 (right) or 2 (wrong), and the loss is twice the Jaccard loss:
+
+        >>> from segloss.losses import LovaszHingeLoss
+        >>> _ = torch.manual_seed(0)
+        >>> mask, pred = torch.rand(2, 1, 8, 8) > 0.5, torch.rand(2, 1, 8, 8) > 0.5
+        >>> iou = (pred & mask).sum() / (pred | mask).sum()
+        >>> torch.allclose(LovaszHingeLoss()(2 * pred.float() - 1, mask.float()), 2 * (1 - iou))
+        True
     """
 
     def __init__(

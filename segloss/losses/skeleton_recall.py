@@ -41,14 +41,20 @@ def skeleton_recall(
 
 
 class SkeletonRecallLoss(nn.Module):
-    """``1 - recall`` of the predicted probabilities on the target's (tubed) skeleton, per class.
+    r"""``1 - recall`` of the predicted probabilities on the target's (tubed) skeleton, per class.
 
     For class c (and sample b unless ``batch``), with ``p`` the activated prediction, ``s`` the skeleton and
-    ``w`` the voxel weight (0 at ignored voxels)::
+    ``w`` the voxel weight (0 at ignored voxels):
 
-        recall_c = (sum_v w_v p_vc s_vc + smooth_nr) / (sum_v w_v s_vc + smooth_dr),   loss_c = 1 - recall_c
+    .. math::
 
-    and ``reduction="mean"`` gives ``1 - mean_c recall_c``. This is nnU-Net's ``SoftSkeletonRecallLoss``
+        \mathrm{recall}_{bc} = \frac{\sum_v w_v \, p_{bcv} \, s_{bcv} + s_{nr}}
+        {\max\left(\sum_v w_v \, s_{bcv} + s_{dr}, \ 10^{-8}\right)}, \qquad
+        \mathrm{loss}_{bc} = 1 - \mathrm{recall}_{bc}
+
+    (``s_nr``, ``s_dr`` = ``smooth_nr``, ``smooth_dr``; the ``1e-8`` floor, as nnU-Net, keeps ``smooth_dr=0``
+    finite) and ``reduction="mean"`` gives ``1 - mean_c recall_c``; ``"none"`` gives ``(B, n, 1, ...)``
+    (``(n, 1, ...)`` with ``batch``). This is nnU-Net's ``SoftSkeletonRecallLoss``
     (MIC-DKFZ/Skeleton-Recall; smoothing 1 in numerator and denominator, background excluded) shifted by 1 so that
     a perfect recall gives 0 (nnU-Net returns ``-recall``; gradients are identical). A class with an empty
     skeleton has recall 1 (with the default smoothing) and costs nothing. Recall alone is satisfied by predicting
@@ -64,12 +70,8 @@ class SkeletonRecallLoss(nn.Module):
 
     Combining: the paper adds it with weight 1 to nnU-Net's Dice + CE. The region terms take the segmentation
     and this one the skeleton; pass the skeleton as the ``skeleton`` keyword, which then replaces ``target``, so
-    one :class:`~segloss.losses.CompoundLoss` (which hands keywords to the terms that accept them) holds all::
-
-        loss = segloss.CompoundLoss({"dice": segloss.DiceLoss(to_onehot_y=True, softmax=True),
-                                     "ce": segloss.WeightedCrossEntropyLoss(),
-                                     "skel": segloss.SkeletonRecallLoss(softmax=True)})
-        value = loss(logits, label, skeleton=skeleton)  # dice/ce see `label`, skel sees `skeleton`
+    one :class:`~segloss.losses.CompoundLoss` (which hands keywords to the terms that accept them) holds all (see
+    the example below).
 
     MONAI's ``SoftclDiceLoss`` (Shit et al., CVPR 2021) instead skeletonises prediction and segmentation on the
     fly by iterated soft min/max pooling, at a cost this loss avoids; in MONAI 1.6 it takes logits and a label map
@@ -83,6 +85,25 @@ class SkeletonRecallLoss(nn.Module):
         sync_batch: with ``batch``, also sum them over ``torch.distributed`` ranks.
         smooth_nr, smooth_dr: added to numerator and denominator (default 1, as nnU-Net).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the per-(sample, class) values.
+
+    Example:
+        The formula above, for a label-map skeleton (class 1: a row, class 2: a column); then the compound loss:
+
+        >>> import segloss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, skeleton = torch.randn(2, 3, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.long)
+        >>> skeleton[:, 0, 4, 1:7], skeleton[:, 0, 1:4, 2] = 1, 2
+        >>> p, s = logits.softmax(1)[:, 1:], (skeleton == torch.tensor([1, 2]).view(1, 2, 1, 1)).float()
+        >>> recall = ((p * s).sum((2, 3)) + 1) / (s.sum((2, 3)) + 1)
+        >>> torch.allclose(segloss.SkeletonRecallLoss(softmax=True)(logits, skeleton), 1 - recall.mean())
+        True
+        >>> loss = segloss.CompoundLoss({"dice": segloss.DiceLoss(to_onehot_y=True, softmax=True),
+        ...                              "ce": segloss.WeightedCrossEntropyLoss(),
+        ...                              "skel": segloss.SkeletonRecallLoss(softmax=True)})
+        >>> label = torch.randint(0, 3, (2, 1, 8, 8))
+        >>> value = loss(logits, label, skeleton=skeleton)  # dice/ce see `label`, skel sees `skeleton`
+        >>> torch.allclose(loss.last_terms["skel"], 1 - recall.mean())
+        True
     """
 
     def __init__(

@@ -177,14 +177,21 @@ def topology_loss(
 
 
 class TopologyLoss(nn.Module):
-    """Topology (perceptual VGG-19) loss of Mosinska et al., CVPR 2018, taking logits like every segloss loss.
+    r"""Topology (perceptual VGG-19) loss of Mosinska et al., CVPR 2018, taking logits like every segloss loss.
 
     The prediction is activated (``sigmoid`` / ``softmax`` / ``other_act``); each used channel's probability map
     and the matching target map (one-hot of a label map, or the dense target's channel) go through a frozen
     feature extractor as 1-channel images, and the loss of a (sample, channel) is
-    ``sum_n w_n * mean((f_n(p) - f_n(g))^2)`` over the layers n. 3D inputs use 2D slices along each axis
-    (:func:`topology_loss`); ``num_slices`` bounds the cost (96^3 with all slices costs as much as 288 images of
-    96^2 per channel).
+    ``sum_n w_n * mean((f_n(p) - f_n(g))^2)`` over the layers n:
+
+    .. math::
+
+        L_{bc} = \sum_n w_n \, \frac{1}{|f_n|} \left\| f_n(u \odot p_{bc}) - f_n(u \odot g_{bc}) \right\|_2^2
+
+    with ``w_n`` = ``layer_weights`` (1 by default), ``|f_n|`` the size of the feature map ``f_n`` and ``u``
+    the voxel weight (0 at ``ignore_index``, else 1), then reduced over the ``(B, n)`` values. 3D inputs use 2D
+    slices along each axis, averaged (:func:`topology_loss`); ``num_slices`` bounds the cost (96^3 with all slices
+    costs as much as 288 images of 96^2 per channel).
 
     Cost: VGG-19 up to conv3_4 is about 29 GFLOP per forward pass of a 256^2 image (446 kFLOP per pixel); a step
     runs it on the target, the prediction and back through the prediction (input gradient only), about 3x that.
@@ -216,9 +223,23 @@ class TopologyLoss(nn.Module):
             :func:`min_image_size`) are skipped with their axis, e.g. those across a thin axis; a 2D image that
             small raises ``ValueError``.
         generator: a ``torch.Generator`` or an int seed for the slice sampling (None = the global RNG).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the ``(B, C)`` values (``"none"``: ``(B, C, 1, ...)``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the ``(B, n)`` values of the ``n`` channels used
+            (``"none"``: ``(B, n, 1, ...)``).
 
-    Example (bundle config)::
+    Example:
+        Identity features give the MSE of the probabilities; a random VGG-19 (``weights=None``) is 0 at the target:
+
+        >>> from segloss.losses import TopologyLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, mask = torch.randn(2, 1, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float()
+        >>> mse = TopologyLoss(sigmoid=True, feature_extractor=torch.nn.Identity())
+        >>> torch.allclose(mse(logits, mask), (logits.sigmoid() - mask).square().mean())
+        True
+        >>> vgg = TopologyLoss(weights=None, layers=["conv1_2"], reduction="none")  # background channel left out
+        >>> vgg(torch.cat([1 - mask, mask], 1), mask.long()).flatten().tolist()  # probabilities = target
+        [0.0, 0.0]
+
+    Bundle config::
 
         "loss": {"_target_": "segloss.losses.TopologyAwareLoss",
                  "pixel_loss": {"_target_": "monai.losses.DiceCELoss", "sigmoid": true},
@@ -329,7 +350,11 @@ class TopologyLoss(nn.Module):
 
 
 class TopologyAwareLoss(CompoundLoss):
-    """``pixel_loss(input, target) + mu * topology_loss(input, target)`` (Mosinska et al., CVPR 2018, eq. 3).
+    r"""``pixel_loss(input, target) + mu * topology_loss(input, target)`` (Mosinska et al., CVPR 2018, eq. 3):
+
+    .. math::
+
+        \mathcal{L}(x, y) = \mathcal{L}_{\text{pixel}}(x, y) + \mu \, \mathcal{L}_{\text{top}}(x, y)
 
     A :class:`~segloss.losses.CompoundLoss` with terms ``"pixel"`` (weight 1) and ``"topology"`` (weight ``mu``):
     keyword arguments of ``forward`` such as ``weight_map`` reach the pixel loss only (``weight_map`` raises if
@@ -341,6 +366,17 @@ class TopologyAwareLoss(CompoundLoss):
         mu: weight of the topology term (>= 0).
         topology_loss: a :class:`TopologyLoss` (or any loss module), a dict of :class:`TopologyLoss` keyword
             arguments, or None for ``TopologyLoss()``. Give it the same activation as the pixel loss.
+
+    Example:
+        >>> import monai
+        >>> from segloss.losses import TopologyAwareLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, mask = torch.randn(2, 1, 16, 16), (torch.rand(2, 1, 16, 16) > 0.5).float()
+        >>> topo = {"sigmoid": True, "feature_extractor": torch.nn.Identity()}  # L_top: MSE of the probabilities
+        >>> loss = TopologyAwareLoss(monai.losses.DiceLoss(sigmoid=True), mu=0.5, topology_loss=topo)
+        >>> ref = monai.losses.DiceLoss(sigmoid=True)(logits, mask) + 0.5 * (logits.sigmoid() - mask).square().mean()
+        >>> torch.allclose(loss(logits, mask), ref), sorted(loss.last_terms)
+        (True, ['pixel', 'topology'])
     """
 
     def __init__(

@@ -131,13 +131,20 @@ def _check_gamma(gamma: float) -> float:
 
 
 class TverskyLoss(OverlapLossBase):
-    """Tversky loss (Salehi et al., MLMI 2017), a drop-in for MONAI 1.6.1's ``monai.losses.TverskyLoss``.
+    r"""Tversky loss (Salehi et al., MLMI 2017), a drop-in for MONAI 1.6.1's ``monai.losses.TverskyLoss``.
 
     With the per-class sums of :class:`~segloss.losses.dice.DiceLoss` (``tp``, ``P = sum w p``, ``G = sum w g``;
-    ``fp = P - tp``, ``fn = G - tp``), per item (or over the batch) and class::
+    ``fp = P - tp``, ``fn = G - tp``), per item (or over the batch) and class:
 
-        f = 1 - (tp + smooth_nr) / (tp + alpha fp + beta fn + smooth_dr)
+    .. math::
 
+        f_{bc} = 1 - \mathrm{TI}_{bc}, \qquad \mathrm{TI}_{bc} = \frac{\mathrm{tp} + s_{nr}}
+        {\mathrm{tp} + \alpha \, (P - \mathrm{tp}) + \beta \, (G - \mathrm{tp}) + s_{dr}}
+
+        \mathrm{tp} = \sum_v w_v p_{vc} g_{vc}, \quad P = \sum_v w_v p_{vc}, \quad G = \sum_v w_v g_{vc}
+
+    (``s_nr``, ``s_dr`` = ``smooth_nr``, ``smooth_dr``; ``soft_label``: the norm form of ``tp`` of DiceLoss), then
+    reduced over the (item, class) entries.
     ``alpha`` weighs false positives and ``beta`` false negatives (MONAI's convention; beta > alpha favours
     recall). As MONAI, ``reduction="none"`` returns ``(B, n)`` (``(n,)`` with ``batch``), without the trailing
     spatial ones of DiceLoss; there is no class ``weight``.
@@ -162,6 +169,16 @@ class TverskyLoss(OverlapLossBase):
         empty_target: ``"smooth"`` (MONAI) or ``"fp_rate"``: see "Empty classes" in :class:`DiceLoss`.
         alpha, beta: false-positive / false-negative weights, >= 0 (0.5, 0.5 = Dice).
         soft_label: exact formulation for soft (non-binary) targets.
+
+    Example:
+        >>> import monai
+        >>> from segloss.losses import TverskyLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+        >>> kw = dict(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7, reduction="none")
+        >>> loss = TverskyLoss(**kw)(logits, label)
+        >>> loss.shape, torch.allclose(loss, monai.losses.TverskyLoss(**kw)(logits, label))
+        (torch.Size([2, 3]), True)
     """
 
     def __init__(
@@ -211,8 +228,13 @@ class TverskyLoss(OverlapLossBase):
 
 
 class FocalTverskyLoss(TverskyLoss):
-    """Focal Tversky loss (Abraham & Khan, ISBI 2019): per (item, class) ``f = (1 - TI)^gamma``, ``TI`` as in
-    :class:`TverskyLoss`, then reduced (``"none"``: ``(B, n)``).
+    r"""Focal Tversky loss (Abraham & Khan, ISBI 2019): per (item, class) ``f = (1 - TI)^gamma``, ``TI`` as in
+    :class:`TverskyLoss`, then reduced (``"none"``: ``(B, n)``):
+
+    .. math::
+
+        f_{bc} = \begin{cases} (1 - \mathrm{TI}_{bc})^\gamma & 1 - \mathrm{TI}_{bc} > 10^{-7} \\
+        (1 - \mathrm{TI}_{bc}) \, 10^{-7 (\gamma - 1)} & \text{otherwise} \end{cases}
 
     **Exponent convention:** ``gamma`` is the exponent itself. The paper writes ``(1 - TI)^(1/gamma_paper)`` and
     recommends ``gamma_paper = 4/3``, i.e. ``gamma = 0.75`` here (the default); ``gamma = 1`` is the Tversky loss.
@@ -227,6 +249,18 @@ class FocalTverskyLoss(TverskyLoss):
     ``sum_v w_v p_v / sum_v w_v`` (3e-7 per voxel costs ~3e-7, 1 everywhere costs 1, nothing valid costs 0). Under ``"fp_rate"`` the FP rate is used as is, not raised to ``gamma``.
 
     Args: as :class:`TverskyLoss`, plus ``gamma`` (> 0).
+
+    Example:
+        With MONAI's Tversky loss per (item, class):
+
+        >>> import monai
+        >>> from segloss.losses import FocalTverskyLoss
+        >>> _ = torch.manual_seed(0)
+        >>> logits, label = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+        >>> kw = dict(to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7)
+        >>> tversky = monai.losses.TverskyLoss(reduction="none", **kw)(logits, label)  # (B, C): 1 - TI
+        >>> torch.allclose(FocalTverskyLoss(gamma=0.75, **kw)(logits, label), (tversky**0.75).mean())
+        True
     """
 
     def __init__(
