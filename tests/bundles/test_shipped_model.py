@@ -1,7 +1,7 @@
 """The shipped ``models/model.pt`` of each bundle: inference, evaluation, export and in/out check with no training.
 
-Each bundle is meant to ship a small model trained by the CPU recipe of its README ("Shipped model"). Until one is
-committed these tests skip, saying which command makes it.
+Each bundle ships a model trained by the CPU recipe of its README ("Shipped model"); without the file (e.g. a
+checkout that dropped it) these tests skip, saying which command makes it.
 """
 
 from __future__ import annotations
