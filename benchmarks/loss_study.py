@@ -535,6 +535,32 @@ def write_doc_table(budget: str, table: str, command: str, doc: Path = DOC) -> N
     _write_atomic(doc, head + block + rest.split(end, 1)[1])
 
 
+def metric_bars(rows: list[dict], names: list[str], metrics: list[str], path: Path) -> Path:
+    """One panel per metric: the mean over seeds of each loss as a bar, each seed as a dot (CE in grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.35 * len(names) + 1.5), sharey=True)
+    for ax, metric in zip(axes, metrics):
+        for y, name in enumerate(names):
+            vals = [r[metric] for r in rows if r["loss"] == name]
+            ax.barh(y, np.mean(vals), color="tab:blue" if name != "ce" else "tab:gray", alpha=0.6)
+            ax.plot(vals, [y] * len(vals), "k.", ms=5)
+        ax.set_title(metric + (" error" if metric.startswith("betti") else ""))
+        if not metric.startswith("betti"):  # overlap scores differ in the second decimal: zoom in
+            low = min(r[metric] for r in rows)
+            ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(r[metric] for r in rows) + 0.02))
+        ax.set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], data: Path, fold: int, results: Path, figures: Path) -> list[Path]:
     """Metric bars with seed spread, validation curves, and one overlay per loss of the same section (seed 0)."""
     import matplotlib
@@ -548,22 +574,9 @@ def plot(rows: list[dict], data: Path, fold: int, results: Path, figures: Path) 
     names = [n for n in ORDER if any(r["loss"] == n for r in rows)]
     out = []
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 0.35 * len(names) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ["betti0", "betti1", "dice", "cldice"]):
-        for y, name in enumerate(names):
-            vals = [r[metric] for r in rows if r["loss"] == name]
-            ax.barh(y, np.mean(vals), color="tab:blue" if name != "ce" else "tab:gray", alpha=0.6)
-            ax.plot(vals, [y] * len(vals), "k.", ms=5)
-        ax.set_title(metric + (" error" if metric.startswith("betti") else ""))
-        if not metric.startswith("betti"):  # overlap scores differ in the second decimal: zoom in
-            low = min(r[metric] for r in rows)
-            ax.set_xlim(max(0.0, low - 0.05), min(1.0, max(r[metric] for r in rows) + 0.02))
-        ax.set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    out.append(figures / f"{results.name}_metrics.png")
-    fig.savefig(out[-1], dpi=90)
-    plt.close(fig)
+    out.append(
+        metric_bars(rows, names, ["betti0", "betti1", "dice", "cldice"], figures / f"{results.name}_metrics.png")
+    )
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name in names:

@@ -370,20 +370,8 @@ def plot(rows: list[dict], results: Path, figures: Path, cfg: dict) -> list[Path
 
     figures.mkdir(parents=True, exist_ok=True)
     names = [n for n in ORDER if any(r["loss"] == n for r in rows)]
-    out = []
-    fig, axes = plt.subplots(1, 4, figsize=(18, 0.35 * len(names) + 1.5), sharey=True)
-    for ax, metric in zip(axes, ["betti0", "betti1", "dice", "cldice"]):
-        for y, name in enumerate(names):
-            vals = [r[metric] for r in rows if r["loss"] == name]
-            ax.barh(y, np.mean(vals), color="tab:blue" if name != "ce" else "tab:gray", alpha=0.6)
-            ax.plot(vals, [y] * len(vals), "k.", ms=5)
-        ax.set_title(metric + (" error" if metric.startswith("betti") else ""))
-        ax.set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    out.append(figures / f"{results.name}_metrics.png")
-    fig.savefig(out[-1], dpi=90)
-    plt.close(fig)
+    metrics = ["betti0", "betti1", "dice", "cldice"]  # Betti-2 (cavities) is in the table
+    out = [loss_study.metric_bars(rows, names, metrics, figures / f"{results.name}_metrics.png")]
 
     label = volumes(cfg, results / "cache")["val_label"][0] > 0
     cols = 4
