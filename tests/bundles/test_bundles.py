@@ -53,7 +53,8 @@ def trained(request, tmp_path_factory):
     """A 2-epoch synthetic training run of each bundle: (bundle, work folder, loss term weights per epoch)."""
     bundle, work = request.param, tmp_path_factory.mktemp(request.param)
     weights = {}
-    wf = workflow(bundle, max_epochs=2, **synthetic(work), **tiny(bundle, work))
+    staged = {"loss": "@loss_options#dice_ce_then_lovasz"} if bundle == "ct_spleen_3d" else {}  # a stage switch
+    wf = workflow(bundle, max_epochs=2, **staged, **synthetic(work), **tiny(bundle, work))
     assert _epochs_run(wf, weights) == [1, 2]
     return bundle, work, weights
 
@@ -66,7 +67,7 @@ def test_default_loss_is_segloss_and_ct_second_stage_starts(trained):
     parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
     default = parser[parser["loss"].removeprefix("@")]
     assert default["_target_"].startswith("segloss.losses.")
-    if bundle == "ct_spleen_3d":  # DiceCE alone in epoch 1, the Lovasz term joins at second_stage_epoch = 2
+    if bundle == "ct_spleen_3d":  # dice_ce_then_lovasz: DiceCE alone in epoch 1, Lovasz joins at second_stage_epoch 2
         assert weights == {1: {"dice_ce": 1.0, "lovasz": 0.0}, 2: {"dice_ce": 1.0, "lovasz": 1.0}}
 
 
