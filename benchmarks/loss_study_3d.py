@@ -374,6 +374,11 @@ def plot(rows: list[dict], results: Path, figures: Path, cfg: dict) -> list[Path
     out = [loss_study.metric_bars(rows, names, metrics, figures / f"{results.name}_metrics.png")]
 
     label = volumes(cfg, results / "cache")["val_label"][0] > 0
+    rows_any, cols_any = np.flatnonzero(label.any((1, 2))), np.flatnonzero(label.any((0, 2)))
+    crop = (  # the tree's bounding box in the projection, with a margin: the tree fills a small part of the volume
+        slice(max(rows_any[0] - 6, 0), rows_any[-1] + 7),
+        slice(max(cols_any[0] - 6, 0), cols_any[-1] + 7),
+    )
     cols = 4
     nrows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 4 * nrows))
@@ -390,7 +395,7 @@ def plot(rows: list[dict], results: Path, figures: Path, cfg: dict) -> list[Path
         rgb[found] = (0.2, 0.2, 0.2)
         rgb[missed & ~found] = (0.9, 0.1, 0.1)
         rgb[false & ~found] = (0.1, 0.5, 0.9)
-        ax.imshow(rgb)
+        ax.imshow(rgb[crop])
         r = next(r for r in rows if r["loss"] == name and r["seed"] == 0)
         ax.set_title(f"{name}\nBetti err {r['betti']:.1f}, Dice {r['dice']:.3f}", fontsize=9)
     fig.suptitle("validation volume 0, seed 0, axial projection: black found, red missed only, blue false only")
