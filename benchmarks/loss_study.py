@@ -561,6 +561,33 @@ def metric_bars(rows: list[dict], names: list[str], metrics: list[str], path: Pa
     return path
 
 
+def validation_curves(rows: list[dict], names: list[str], betti_label: str, where: str, path: Path) -> Path:
+    """Betti error and Dice on the validation data during training, mean over seeds, one line per loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for name in names:
+        curves = [r["curve"] for r in rows if r["loss"] == name and r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        steps = [c["step"] for c in curves[0][:n]]
+        for ax, metric in zip(axes, ["betti", "dice"]):
+            ax.plot(steps, np.mean([[c[i][metric] for i in range(n)] for c in curves], axis=0), label=name, marker=".")
+    axes[0].set_ylabel(f"{betti_label}, mean over seeds")
+    axes[1].set_ylabel(f"Dice, {where}, mean over seeds")
+    for ax in axes:
+        ax.set_xlabel("training step")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], data: Path, fold: int, results: Path, figures: Path) -> list[Path]:
     """Metric bars with seed spread, validation curves, and one overlay per loss of the same section (seed 0)."""
     import matplotlib
@@ -578,25 +605,10 @@ def plot(rows: list[dict], data: Path, fold: int, results: Path, figures: Path) 
         metric_bars(rows, names, ["betti0", "betti1", "dice", "cldice"], figures / f"{results.name}_metrics.png")
     )
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for name in names:
-        curves = [r["curve"] for r in rows if r["loss"] == name and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        steps = [c["step"] for c in curves[0][:n]]
-        for ax, metric in zip(axes, ["betti", "dice"]):
-            ax.plot(steps, np.mean([[c[i][metric] for i in range(n)] for c in curves], axis=0), label=name, marker=".")
     where = f"sections {val_sections[0]:02d}-{val_sections[-1]:02d}"
-    axes[0].set_ylabel(f"Betti error (b0 + b1), {where}, mean over seeds")
-    axes[1].set_ylabel(f"Dice, {where}, mean over seeds")
-    for ax in axes:
-        ax.set_xlabel("training step")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out.append(figures / f"{results.name}_curves.png")
-    fig.savefig(out[-1], dpi=90)
-    plt.close(fig)
+    out.append(
+        validation_curves(rows, names, f"Betti error (b0 + b1), {where}", where, figures / f"{results.name}_curves.png")
+    )
 
     label = imread(data / "labels" / f"{overlay:02d}.png") == 0
     h, w = label.shape

@@ -362,7 +362,7 @@ def time_steps(budget: str, losses, repeats: int = 5, steps: int = 5) -> dict[st
 
 
 def plot(rows: list[dict], results: Path, figures: Path, cfg: dict) -> list[Path]:
-    """Metric bars with seed spread, and one maximum-intensity projection per loss of validation volume 0."""
+    """Metric bars with seed spread, validation curves, and one projection per loss of validation volume 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -372,6 +372,10 @@ def plot(rows: list[dict], results: Path, figures: Path, cfg: dict) -> list[Path
     names = [n for n in ORDER if any(r["loss"] == n for r in rows)]
     metrics = ["betti0", "betti1", "dice", "cldice"]  # Betti-2 (cavities) is in the table
     out = [loss_study.metric_bars(rows, names, metrics, figures / f"{results.name}_metrics.png")]
+    betti = "Betti error (b0 + b1 + b2) per volume"
+    out.append(
+        loss_study.validation_curves(rows, names, betti, "validation volumes", figures / f"{results.name}_curves.png")
+    )
 
     label = volumes(cfg, results / "cache")["val_label"][0] > 0
     rows_any, cols_any = np.flatnonzero(label.any((1, 2))), np.flatnonzero(label.any((0, 2)))
