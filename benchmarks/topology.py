@@ -21,7 +21,8 @@ the whole forward+backward step for every row.
 
     python benchmarks/topology.py                 # markdown table on stdout
     python benchmarks/topology.py --cases 2d --repeats 3
-    python benchmarks/topology.py --prior-only       # the MaskFeatures step-cost table only
+    python benchmarks/topology.py --prior-only       # the MaskFeatures step-cost tables only (with 3D: the
+                                                     # term's cost per voxel at 2 x 48^3, 64^3, 96^3)
 """
 
 from __future__ import annotations
@@ -172,6 +173,20 @@ def prior_step_rows(name: str, warmup: int, repeats: int) -> list[tuple[str, flo
     return [(label_, timed(step(fn), warmup, repeats)) for label_, fn in steps]
 
 
+def prior_term_per_voxel(edges=(48, 64, 96), warmup: int = 1, repeats: int = 3) -> list[tuple[int, float]]:
+    """Seconds per voxel of forward+backward of the 3D MaskFeatures term alone on ``2 x edge^3`` softmax logits:
+    how its cost per voxel grows with the volume (its full-resolution maps stop fitting in the caches)."""
+    prior = TopologyLoss(softmax=True, to_onehot_y=True, feature_extractor=MaskFeatures(3, weights=None))
+    rows = []
+    for edge in edges:
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(2, 2, edge, edge, edge, generator=g, requires_grad=True)
+        label = torch.randint(0, 2, (2, 1, edge, edge, edge), generator=g)
+        step = lambda x=logits, t=label: prior(x, t).backward()  # noqa: E731
+        rows.append((edge, timed(step, warmup, repeats) / (2 * edge**3)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -191,6 +206,11 @@ def main() -> None:
         rows = prior_step_rows(name, args.warmup, args.repeats)
         for label, seconds in rows:
             print(f"| {case} | {label} | {seconds * 1e3:.0f} | {seconds / rows[0][1]:.2f} |", flush=True)
+    if "3d" in args.cases:
+        print("\n| 3D MaskFeatures term alone, forward+backward | ns per voxel |")
+        print("|---|---:|")
+        for edge, seconds in prior_term_per_voxel(warmup=args.warmup, repeats=args.repeats):
+            print(f"| 2x2x{edge}^3 logits | {seconds * 1e9:.0f} |", flush=True)
     if args.prior_only:
         return
     print()

@@ -113,3 +113,12 @@ def test_loss_study_3d_trains_reports_and_resumes(loss_study_3d, tmp_path, capsy
 def test_loss_study_timing_is_relative_to_ce(loss_study):
     timing = loss_study.time_steps("tiny", ["ce", "dice_ce"], repeats=1, steps=1)
     assert set(timing) == {"ce", "dice_ce"} and all(t > 0 for t in timing.values())
+
+
+def test_topology_prior_cost_per_voxel_runs():
+    spec = importlib.util.spec_from_file_location("topology_benchmark", BENCHMARKS / "topology.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.prior_term_per_voxel(edges=(16, 24), warmup=0, repeats=1)
+    assert [edge for edge, _ in rows] == [16, 24]
+    assert all(0 < seconds < 1e-3 for _, seconds in rows)
