@@ -11,13 +11,19 @@ from segloss.losses import set_fused_paths
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
 
+def load_benchmark(name: str, script: str):
+    """Import a script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def losses_benchmark():
     sys.path.insert(0, str(BENCHMARKS))  # the worker imports lovasz_reference from beside the script
     try:
-        spec = importlib.util.spec_from_file_location("losses_benchmark", BENCHMARKS / "losses.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_benchmark("losses_benchmark", "losses.py")
         module.CASES["tiny"] = (2, 3, (6, 5, 4))
         yield module
     finally:
@@ -25,9 +31,7 @@ def losses_benchmark():
 
 
 def entries():
-    spec = importlib.util.spec_from_file_location("losses_benchmark_list", BENCHMARKS / "losses.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("losses_benchmark_list", "losses.py")
     out = [("cross_entropy", "torch")]
     out += [
         (name, impl)
@@ -50,10 +54,7 @@ def test_every_benchmark_entry_runs(losses_benchmark, name, impl):
 
 @pytest.fixture(scope="module")
 def loss_study():
-    spec = importlib.util.spec_from_file_location("loss_study", BENCHMARKS / "loss_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("loss_study", "loss_study.py")
 
 
 def test_loss_study_trains_reports_and_resumes(loss_study, tmp_path, capsys):
@@ -84,10 +85,7 @@ def test_loss_study_trains_reports_and_resumes(loss_study, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def loss_study_3d():
     sys.path.insert(0, str(BENCHMARKS))  # it imports loss_study from beside it
-    spec = importlib.util.spec_from_file_location("loss_study_3d", BENCHMARKS / "loss_study_3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("loss_study_3d", "loss_study_3d.py")
 
 
 def test_loss_study_3d_trains_reports_and_resumes(loss_study_3d, tmp_path, capsys):
@@ -106,7 +104,7 @@ def test_loss_study_3d_trains_reports_and_resumes(loss_study_3d, tmp_path, capsy
     rows = (results.parent / "loss_study_3d_tiny.csv").read_text().splitlines()
     assert rows[0].startswith("loss,seed,dice,cldice,betti0,betti1,betti2,betti,") and len(rows) == 1 + len(losses)
     assert "<!-- table:3d_tiny -->" in doc.read_text()
-    for kind in ("metrics", "projections"):
+    for kind in ("metrics", "curves", "projections"):
         assert (tmp_path / "figures" / f"loss_study_3d_tiny_{kind}.png").stat().st_size > 0
 
 
@@ -116,9 +114,7 @@ def test_loss_study_timing_is_relative_to_ce(loss_study):
 
 
 def test_topology_prior_cost_per_voxel_runs():
-    spec = importlib.util.spec_from_file_location("topology_benchmark", BENCHMARKS / "topology.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.prior_term_per_voxel(edges=(16, 24), warmup=0, repeats=1)
+    topology = load_benchmark("topology_benchmark", "topology.py")
+    rows = topology.prior_term_per_voxel(edges=(16, 24), warmup=0, repeats=1)
     assert [edge for edge, _ in rows] == [16, 24]
     assert all(0 < seconds < 1e-3 for _, seconds in rows)
