@@ -118,6 +118,17 @@ def _mask_features(ctx):
     return segloss.TopologyLoss(softmax=True, to_onehot_y=True, weights="auto")
 
 
+def _mask_features_after_warmup(mu: float):
+    """Border CE + Dice, plus ``mu`` x the MaskFeatures term from a third of the steps on: the issue's mu /
+    warm-up sweep, after 0.1 from step 0 raised the Betti error (the term then acts on a network that has not
+    yet found the membranes)."""
+    return (
+        lambda ctx: _border_ce_dice({"topology": (_mask_features(ctx), mu)}),
+        ["weight_map"],
+        lambda steps: {"topology": [(0, 0.0), (steps // 3, mu)]},
+    )
+
+
 # name -> (builder(ctx) -> loss module, the batch keys its forward takes, a term-weight schedule or None).
 # ctx holds "class_weight" (balanced weights of the training labels) and "steps".
 LOSSES = {
@@ -181,6 +192,8 @@ LOSSES = {
         ["weight_map"],
         None,
     ),
+    "border_ce_dice_mask_features_0.03_warmup": _mask_features_after_warmup(0.03),
+    "border_ce_dice_mask_features_0.01_warmup": _mask_features_after_warmup(0.01),
 }
 # the order in which runs are trained: cheap, decisive comparisons first, the expensive VGG term last
 ORDER = [
@@ -197,6 +210,8 @@ ORDER = [
     "ce_then_lovasz",
     "dice_ce_soft_cldice",
     "border_ce_dice_mask_features",
+    "border_ce_dice_mask_features_0.03_warmup",
+    "border_ce_dice_mask_features_0.01_warmup",
     "border_ce_dice_vgg_random",
 ]
 assert sorted(ORDER) == sorted(LOSSES)

@@ -15,6 +15,12 @@ allocator, which every GPU run has. ``--system-malloc`` keeps glibc's defaults.
     python benchmarks/losses.py                      # all losses, all cases, markdown table on stdout
     python benchmarks/losses.py --cases 1x14x96^3 --losses dice focal --repeats 3
     python benchmarks/losses.py --plain ...          # also time segloss's plain autograd paths (SEGLOSS_FUSED=0)
+    python benchmarks/losses.py --paired 40 --cases 8x4x256^2 --losses dice generalized_dice
+
+``--paired N`` answers one question more precisely than rounds of separate processes: the segloss/MONAI time
+ratio. One process per (loss, case) holds both losses on the same inputs and times N pairs of steps back to back,
+alternating which goes first; the table gives the median and quartiles of the N per-pair ratios. A slow phase of
+a shared machine then hits both halves of a pair alike (separate processes scattered by +-30 % here).
 """
 
 from __future__ import annotations
@@ -114,6 +120,60 @@ def _keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def _inputs(case: str, device: str):
+    import torch
+
+    B, C, spatial = CASES[case]
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, C, *spatial, generator=g).to(device).requires_grad_(True)
+    label = torch.randint(0, C, (B, 1, *spatial), generator=g).to(device)
+    return logits, label
+
+
+def _step(loss_fn, logits, label, device: str):
+    """One timed forward+backward of ``loss_fn`` on the case's inputs."""
+    import torch
+
+    def step():
+        logits.grad = None
+        out = loss_fn(logits, label)
+        if out.requires_grad:  # the "sort alone" entry has no backward
+            out.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return step
+
+
+def paired_worker(loss_name: str, case: str, pairs: int, threads: int, device: str, keep_freed: bool = False) -> dict:
+    """Median and quartiles of ``pairs`` segloss/MONAI step-time ratios, timed back to back in one process."""
+    import monai  # noqa: F401
+    import torch
+
+    import segloss  # noqa: F401
+
+    torch.set_num_threads(threads)
+    logits, label = _inputs(case, device)
+    segloss_fn, monai_fn = eval(LOSSES[loss_name][0]), eval(LOSSES[loss_name][1])
+    steps = [_step(fn, logits, label, device) for fn in (segloss_fn, monai_fn)]
+    for step in steps:
+        step()
+    if keep_freed:
+        _keep_freed_memory()
+    for step in steps * 2:
+        step()
+    ratios = []
+    for i in range(pairs):
+        ms = {}
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            steps[k]()
+            ms[k] = time.perf_counter() - t0
+        ratios.append(ms[0] / ms[1])
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return {"ratio": median, "q1": q1, "q3": q3, "pairs": pairs}
+
+
 def worker(
     loss_name: str, impl: str, case: str, repeats: int, threads: int, device: str, keep_freed: bool = False
 ) -> dict:
@@ -124,7 +184,6 @@ def worker(
     import segloss  # noqa: F401
 
     torch.set_num_threads(threads)
-    B, C, spatial = CASES[case]
     if impl == "torch":
         loss_fn = lambda x, y: F.cross_entropy(x, y[:, 0])  # noqa: E731
     elif loss_name not in LOVASZ:
@@ -132,19 +191,10 @@ def worker(
             segloss.losses.set_fused_paths(False)
         source = LOSSES[loss_name][0 if impl in ("segloss", "plain") else 1]
         loss_fn = eval(source)
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, C, *spatial, generator=g).to(device).requires_grad_(True)
-    label = torch.randint(0, C, (B, 1, *spatial), generator=g).to(device)
+    logits, label = _inputs(case, device)
     if loss_name in LOVASZ:
         loss_fn = _lovasz_fn(loss_name, impl, logits, label)
-
-    def step():
-        logits.grad = None
-        out = loss_fn(logits, label)
-        if out.requires_grad:  # the "sort alone" entry has no backward
-            out.backward()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    step = _step(loss_fn, logits, label, device)
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -210,8 +260,32 @@ def main() -> None:
     parser.add_argument(
         "--plain", action="store_true", help="also time segloss with its fused paths off (set_fused_paths(False))"
     )
+    parser.add_argument("--paired", type=int, metavar="N", help="only the segloss/MONAI ratio, from N paired steps")
     parser.add_argument("--worker", nargs=3, metavar=("LOSS", "IMPL", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired-worker", nargs=2, metavar=("LOSS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired_worker:
+        keep_freed = args.device == "cpu" and not args.system_malloc
+        print(json.dumps(paired_worker(*args.paired_worker, args.paired, args.threads, args.device, keep_freed)))
+        return
+    if args.paired:
+        print(f"threads={args.threads} device={args.device}: segloss/MONAI time, {args.paired} paired steps\n")
+        print("| case | loss | segloss/MONAI median | quartiles |")
+        print("|---|---|---|---|")
+        for case in args.cases:
+            for name in (n for n in args.losses if n in LOSSES and LOSSES[n][1] is not None):
+                cmd = [sys.executable, __file__, "--paired-worker", name, case, "--paired", str(args.paired)]
+                out = subprocess.run(
+                    cmd
+                    + ["--threads", str(args.threads), "--device", args.device]
+                    + ["--system-malloc"] * args.system_malloc,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {case} | {name} | {r['ratio']:.2f} | {r['q1']:.2f}-{r['q3']:.2f} |", flush=True)
+        return
     if args.worker:
         keep_freed = args.device == "cpu" and not args.system_malloc
         print(json.dumps(worker(*args.worker, args.repeats, args.threads, args.device, keep_freed)))

@@ -52,6 +52,11 @@ def test_every_benchmark_entry_runs(losses_benchmark, name, impl):
     assert result["ms"] > 0 and result["peak_mb"] == result["peak_mb"]
 
 
+def test_paired_ratio_runs(losses_benchmark):
+    result = losses_benchmark.paired_worker("dice", "tiny", pairs=4, threads=1, device="cpu")
+    assert result["pairs"] == 4 and 0 < result["q1"] <= result["ratio"] <= result["q3"]
+
+
 @pytest.fixture(scope="module")
 def loss_study():
     return load_benchmark("loss_study", "loss_study.py")
