@@ -331,6 +331,52 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
         assert got.max() > 2.0, "border weights (w0 = 10) are present, not a map of ones"
 
 
+def test_ct_skeleton_reaches_the_skeleton_recall_term(tmp_path):
+    """With loss_batch_keys ['skeleton'] the CT bundle skeletonises each cached label (Skeletonized), crops the
+    skeleton with the image, and the skeleton-recall term receives exactly the batch's skeleton."""
+    wf = workflow(
+        "ct_spleen_3d",
+        loss="@loss_options#dice_ce_skeleton_recall",
+        loss_batch_keys=["skeleton"],
+        max_epochs=1,
+        **synthetic(tmp_path),
+        **tiny("ct_spleen_3d", tmp_path),
+    )
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    recall = wf.parser.get_parsed_content("loss").losses["skeleton_recall"]
+    batches, received = [], []
+    forward = recall.forward
+
+    def recording_forward(input, target, skeleton=None):
+        received.append(skeleton)
+        return forward(input, target, skeleton=skeleton)
+
+    recall.forward = recording_forward
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: batches.append((e.state.batch["skeleton"], e.state.batch["label"]))
+    )
+    wf.run()
+    wf.finalize()
+    assert len(received) == len(batches) > 0
+    for got, (batch_skeleton, batch_label) in zip(received, batches):
+        torch.testing.assert_close(got.as_tensor().cpu(), batch_skeleton.as_tensor(), rtol=0, atol=0)
+        assert 0 < batch_skeleton.sum() < batch_label.sum(), "a thin skeleton of the label, not the label itself"
+
+
+def test_ct_default_loss_makes_no_skeleton():
+    """Without the skeleton key no skeleton is computed (a 3D skeleton of every cached CT label costs time for nothing)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "ct_spleen_3d" / "configs" / "train.json"))
+    assert parser.get_parsed_content("train#skeleton_transforms") == []
+    parser["loss_batch_keys"] = ["skeleton"]
+    parser.parse()
+    (skeletonize,) = parser.get_parsed_content("train#skeleton_transforms")
+    assert type(skeletonize).__name__ == "Skeletonized"
+
+
 @pytest.mark.parametrize(
     "bundle, option", [("em_membrane_2d", "border_ce_dice_topology"), ("ct_spleen_3d", "dice_ce_topology")]
 )
