@@ -299,6 +299,26 @@ def test_train_on_shared_sample_data(bundle, name, extra, shared_data, tmp_path)
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+def _run_recording_loss_kwarg(wf, term_of, key: str):
+    """Run ``wf`` recording what the loss term ``term_of(loss)`` receives as keyword ``key`` and each batch:
+    ``(received values, batches)``."""
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    term = term_of(wf.parser.get_parsed_content("loss"))
+    received, batches = [], []
+    forward = term.forward
+
+    def recording_forward(input, target, **kwargs):
+        received.append(kwargs[key])
+        return forward(input, target, **kwargs)
+
+    term.forward = recording_forward
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(dict(e.state.batch)))
+    wf.run()
+    wf.finalize()
+    return received, batches
+
+
 def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
     """Each batch's weight_map (BorderWeightMapd, cropped with the image) is what the CE term receives."""
     wf = workflow(
@@ -311,23 +331,10 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
         **synthetic(tmp_path),
         **{k: v for k, v in tiny("em_membrane_2d", tmp_path).items() if k not in ("epoch_length", "val_interval")},
     )
-    wf.initialize()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    ce = wf.parser.get_parsed_content("loss").losses["pixel"].losses["ce"]
-    batches, received = [], []
-    forward = ce.forward
-
-    def recording_forward(input, target, weight_map=None):
-        received.append(weight_map)
-        return forward(input, target, weight_map=weight_map)
-
-    ce.forward = recording_forward
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(e.state.batch["weight_map"]))
-    wf.run()
-    wf.finalize()
+    received, batches = _run_recording_loss_kwarg(wf, lambda loss: loss.losses["pixel"].losses["ce"], "weight_map")
     assert len(received) == len(batches) == 2
-    for got, batch_map in zip(received, batches):
-        torch.testing.assert_close(got.as_tensor().cpu(), batch_map.as_tensor(), rtol=0, atol=0)
+    for got, batch in zip(received, batches):
+        torch.testing.assert_close(got.as_tensor().cpu(), batch["weight_map"].as_tensor(), rtol=0, atol=0)
         assert got.max() > 2.0, "border weights (w0 = 10) are present, not a map of ones"
 
 
@@ -342,26 +349,11 @@ def test_ct_skeleton_reaches_the_skeleton_recall_term(tmp_path):
         **synthetic(tmp_path),
         **tiny("ct_spleen_3d", tmp_path),
     )
-    wf.initialize()
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    recall = wf.parser.get_parsed_content("loss").losses["skeleton_recall"]
-    batches, received = [], []
-    forward = recall.forward
-
-    def recording_forward(input, target, skeleton=None):
-        received.append(skeleton)
-        return forward(input, target, skeleton=skeleton)
-
-    recall.forward = recording_forward
-    trainer.add_event_handler(
-        Events.ITERATION_STARTED, lambda e: batches.append((e.state.batch["skeleton"], e.state.batch["label"]))
-    )
-    wf.run()
-    wf.finalize()
+    received, batches = _run_recording_loss_kwarg(wf, lambda loss: loss.losses["skeleton_recall"], "skeleton")
     assert len(received) == len(batches) > 0
-    for got, (batch_skeleton, batch_label) in zip(received, batches):
-        torch.testing.assert_close(got.as_tensor().cpu(), batch_skeleton.as_tensor(), rtol=0, atol=0)
-        assert 0 < batch_skeleton.sum() < batch_label.sum(), "a thin skeleton of the label, not the label itself"
+    for got, batch in zip(received, batches):
+        torch.testing.assert_close(got.as_tensor().cpu(), batch["skeleton"].as_tensor(), rtol=0, atol=0)
+        assert 0 < batch["skeleton"].sum() < batch["label"].sum(), "a thin skeleton of the label, not the label itself"
 
 
 def test_ct_default_loss_makes_no_skeleton():
