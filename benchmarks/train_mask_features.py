@@ -13,11 +13,12 @@ Each step corrupts every label ``g`` in the batch (:func:`corruptions`):
 - harmless errors with exactly the pixel count of the cuts (resp. bridges): border thinning (where the structure
   keeps a core) and thickening, in contiguous patches.
 
-Objective (``L = L_rank + 4 L_grad + 0.01 log(d_soft)^2``), with ``d(x) = sum_n mean((f_n(x) - f_n(g))^2)`` the term of
+Objective (``L = L_rank + a L_grad + 0.01 log(d_soft)^2``, ``a = --align-weight``: 4 for the shipped 2D weights,
+1 for the 3D ones; ``margin = --margin``, 30), with ``d(x) = sum_n mean((f_n(x) - f_n(g))^2)`` the term of
 :class:`segloss.losses.TopologyLoss`:
 
-- ``L_rank``: ``softplus(log 30 - log((d(topo)/n_topo) / (d(harmless)/n_harmless)))`` for (cut, bridge) x
-  (thinning, thickening) pairs on hard masks: a topological error must cost 30x more per flipped pixel;
+- ``L_rank``: ``softplus(log margin - log((d(topo)/n_topo) / (d(harmless)/n_harmless)))`` for (cut, bridge) x
+  (thinning, thickening) pairs on hard masks: a topological error must cost ``margin`` times more per flipped pixel;
 - ``L_grad``: on a *soft* imperfect prediction ``p`` (harmless noise, cuts and bridges, partial probabilities in
   the gaps, blurred, rescaled to [lo, hi]), ``1 - cos(-dd/dp, D)`` with ``D = +1`` on the cut pixels and ``-1``
   on the bridge / fragment pixels, 0 elsewhere: the term's gradient must push probability into the gaps and out of
@@ -28,11 +29,12 @@ Objective (``L = L_rank + 4 L_grad + 0.01 log(d_soft)^2``), with ``d(x) = sum_n 
   prediction: the gradient must push a gap 10x harder than a border. Tried with w = 1 and 4; not shipped
   (``docs/mask_features.md``).
 
-Adam (lr 2e-3, cosine decay; 700 steps in 2D, 300 in 3D), filters rescaled to norm sqrt(2) after each step, the
+Adam (lr 2e-3, cosine decay; 700 steps in 2D, 300 in 3D unless ``--steps``), filters rescaled to norm sqrt(2) after each step, the
 per-map output scales learnt in log space, fixed seed, ``torch.set_num_threads(1)``. At the end the output maps are
 scaled so that ``d`` of the soft predictions is about 1, and the state dict is saved with its SHA-256 printed.
 
     python benchmarks/train_mask_features.py --dims 2 --out segloss/networks/mask_features_2d.pt
+    python benchmarks/train_mask_features.py --dims 3 --steps 1500 --align-weight 1 --out segloss/networks/mask_features_3d.pt
     python benchmarks/train_mask_features.py --dims 2 --steps 5 --out /tmp/mf.pt     # smoke run
 """
 
@@ -247,7 +249,13 @@ def make_batch(rng: np.random.Generator, sources: list[np.ndarray], batch: int, 
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])).unsqueeze(1) for k in samples[0]}
 
 
-def objective(net: MaskFeatures, b: dict, selectivity_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def objective(
+    net: MaskFeatures,
+    b: dict,
+    selectivity_weight: float = 0.0,
+    margin: float = MARGIN,
+    align_weight: float = ALIGN_WEIGHT,
+) -> tuple[torch.Tensor, dict[str, float]]:
     hard = ("cut", "bridge", "cut_thin", "cut_thick", "bridge_thin", "bridge_thick")
     n = b["label"].shape[0]
     d = feature_distance(
@@ -263,7 +271,7 @@ def objective(net: MaskFeatures, b: dict, selectivity_weight: float = 0.0) -> tu
         for topo in ("cut", "bridge")
         for kind in ("thin", "thick")
     ]
-    rank = torch.cat([F.softplus(math.log(MARGIN) - r) for r in ratios]).mean()
+    rank = torch.cat([F.softplus(math.log(margin) - r) for r in ratios]).mean()
 
     soft = b["soft"].clone().requires_grad_(True)
     term = feature_distance(net, soft, b["label"]).sum()
@@ -291,7 +299,7 @@ def objective(net: MaskFeatures, b: dict, selectivity_weight: float = 0.0) -> tu
     # The ranking and the cosine ignore the feature scale; keep the term of a soft prediction near 1 so that the
     # scale does not drift (it did, to ~1e12, without this).
     scale = torch.log(term.detach().new_tensor(1.0) * term / n).square()
-    loss = rank + ALIGN_WEIGHT * align + 0.01 * scale
+    loss = rank + align_weight * align + 0.01 * scale
     return (loss + selectivity_weight * select if selectivity_weight else loss), stats
 
 
@@ -303,6 +311,8 @@ def train(
     batch: int | None = None,
     log_every: int = 50,
     selectivity_weight: float = 0.0,
+    margin: float = MARGIN,
+    align_weight: float = ALIGN_WEIGHT,
 ) -> MaskFeatures:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -323,7 +333,9 @@ def train(
     soft_d = []
     for step in range(1, steps + 1):
         net.scale = log_scale.exp()
-        loss, stats = objective(net, make_batch(rng, sources, batch, size, counts), selectivity_weight)
+        loss, stats = objective(
+            net, make_batch(rng, sources, batch, size, counts), selectivity_weight, margin, align_weight
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -355,10 +367,22 @@ def main() -> None:
     parser.add_argument(
         "--selectivity-weight", type=float, default=0.0, help="weight of the gradient-selectivity term (0: off)"
     )
+    parser.add_argument("--margin", type=float, default=MARGIN, help="wanted topological / harmless cost ratio")
+    parser.add_argument(
+        "--align-weight", type=float, default=ALIGN_WEIGHT, help="weight of the gradient direction term"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else (700 if args.dims == 2 else 300)
-    net = train(args.dims, steps, args.seed, args.isbi, selectivity_weight=args.selectivity_weight)
+    net = train(
+        args.dims,
+        steps,
+        args.seed,
+        args.isbi,
+        selectivity_weight=args.selectivity_weight,
+        margin=args.margin,
+        align_weight=args.align_weight,
+    )
     torch.save(net.state_dict(), args.out)
     print(f"saved {args.out}  sha256 {hashlib.sha256(args.out.read_bytes()).hexdigest()}")
 

@@ -15,10 +15,10 @@ BENCHMARKS = REPO_ROOT / "benchmarks"
 # What the shipped weights measure, with a margin (docs/mask_features.md has the full figures). The issue's
 # target is 10x; the weights that pass the gradient test reach less (see the docs).
 PROPERTY_MIN_2D = 2.0
-PROPERTY_MIN_3D = 1.2
+PROPERTY_MIN_3D = 1.3
 # Per-map mean and std of the shipped features of fixed_input (recorded when the weights were trained).
 RECORDED_2D = [(0.000342091, 0.00044897), (0.0422005, 0.0651193), (0.0193214, 2.36905)]
-RECORDED_3D = [(0.0431903, 2.41969), (-0.0407895, 1.35081), (0.031318, 0.433156)]
+RECORDED_3D = [(-0.214669, 1.45529), (-0.0479122, 1.09632), (-0.900828, 3.68865)]
 
 
 def fixed_input(spatial):
