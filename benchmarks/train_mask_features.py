@@ -29,9 +29,10 @@ Objective (``L = L_rank + a L_grad + 0.01 log(d_soft)^2``, ``a = --align-weight`
   prediction: the gradient must push a gap 10x harder than a border. Tried with w = 1 and 4; not shipped
   (``docs/mask_features.md``).
 
-Adam (lr 2e-3, cosine decay; 700 steps in 2D, 300 in 3D unless ``--steps``), filters rescaled to norm sqrt(2) after each step, the
-per-map output scales learnt in log space, fixed seed, ``torch.set_num_threads(1)``. At the end the output maps are
-scaled so that ``d`` of the soft predictions is about 1, and the state dict is saved with its SHA-256 printed.
+Adam (lr 2e-3, cosine decay; by default 700 steps in 2D, 300 in 3D), filters rescaled to norm sqrt(2) after each
+step, the per-map output scales learnt in log space, fixed seed, ``torch.set_num_threads(1)``. At the end the output
+maps are scaled so that ``d`` of the soft predictions is about 1, and the state dict is saved with its SHA-256
+printed. The shipped files were made by the first two commands:
 
     python benchmarks/train_mask_features.py --dims 2 --out segloss/networks/mask_features_2d.pt
     python benchmarks/train_mask_features.py --dims 3 --steps 1500 --align-weight 1 --out segloss/networks/mask_features_3d.pt
@@ -252,6 +253,7 @@ def make_batch(rng: np.random.Generator, sources: list[np.ndarray], batch: int, 
 def objective(
     net: MaskFeatures,
     b: dict,
+    *,
     selectivity_weight: float = 0.0,
     margin: float = MARGIN,
     align_weight: float = ALIGN_WEIGHT,
@@ -333,9 +335,8 @@ def train(
     soft_d = []
     for step in range(1, steps + 1):
         net.scale = log_scale.exp()
-        loss, stats = objective(
-            net, make_batch(rng, sources, batch, size, counts), selectivity_weight, margin, align_weight
-        )
+        b = make_batch(rng, sources, batch, size, counts)
+        loss, stats = objective(net, b, selectivity_weight=selectivity_weight, margin=margin, align_weight=align_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
