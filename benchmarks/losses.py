@@ -145,14 +145,18 @@ def _step(loss_fn, logits, label, device: str):
     return step
 
 
-def paired_worker(loss_name: str, case: str, pairs: int, threads: int, device: str, keep_freed: bool = False) -> dict:
-    """Median and quartiles of ``pairs`` segloss/MONAI step-time ratios, timed back to back in one process."""
+def paired_worker(
+    loss_name: str, case: str, pairs: int, threads: int, device: str, keep_freed: bool = False, checks: bool = True
+) -> dict:
+    """Median and quartiles of ``pairs`` segloss/MONAI step-time ratios, timed back to back in one process;
+    ``checks=False`` times segloss with its data-dependent input checks off (MONAI has none)."""
     import monai  # noqa: F401
     import torch
 
     import segloss  # noqa: F401
 
     torch.set_num_threads(threads)
+    segloss.losses.set_input_checks(checks)
     logits, label = _inputs(case, device)
     segloss_fn, monai_fn = eval(LOSSES[loss_name][0]), eval(LOSSES[loss_name][1])
     steps = [_step(fn, logits, label, device) for fn in (segloss_fn, monai_fn)]
@@ -261,15 +265,25 @@ def main() -> None:
         "--plain", action="store_true", help="also time segloss with its fused paths off (set_fused_paths(False))"
     )
     parser.add_argument("--paired", type=int, metavar="N", help="only the segloss/MONAI ratio, from N paired steps")
+    parser.add_argument(
+        "--no-input-checks", action="store_true", help="with --paired: segloss with set_input_checks(False)"
+    )
     parser.add_argument("--worker", nargs=3, metavar=("LOSS", "IMPL", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--paired-worker", nargs=2, metavar=("LOSS", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paired_worker:
         keep_freed = args.device == "cpu" and not args.system_malloc
-        print(json.dumps(paired_worker(*args.paired_worker, args.paired, args.threads, args.device, keep_freed)))
+        checks = not args.no_input_checks
+        print(
+            json.dumps(paired_worker(*args.paired_worker, args.paired, args.threads, args.device, keep_freed, checks))
+        )
         return
     if args.paired:
-        print(f"threads={args.threads} device={args.device}: segloss/MONAI time, {args.paired} paired steps\n")
+        checks = "off" if args.no_input_checks else "on"
+        print(
+            f"threads={args.threads} device={args.device}: segloss/MONAI time, {args.paired} paired steps, "
+            f"segloss input checks {checks}\n"
+        )
         print("| case | loss | segloss/MONAI median | quartiles |")
         print("|---|---|---|---|")
         for case in args.cases:
@@ -278,7 +292,8 @@ def main() -> None:
                 out = subprocess.run(
                     cmd
                     + ["--threads", str(args.threads), "--device", args.device]
-                    + ["--system-malloc"] * args.system_malloc,
+                    + ["--system-malloc"] * args.system_malloc
+                    + ["--no-input-checks"] * args.no_input_checks,
                     capture_output=True,
                     text=True,
                     check=True,

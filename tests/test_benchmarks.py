@@ -6,7 +6,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from segloss.losses import set_fused_paths
+from segloss.losses import set_fused_paths, set_input_checks
+from segloss.losses.inputs import input_checks_enabled
 
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
@@ -55,6 +56,15 @@ def test_every_benchmark_entry_runs(losses_benchmark, name, impl):
 def test_paired_ratio_runs(losses_benchmark):
     result = losses_benchmark.paired_worker("dice", "tiny", pairs=4, threads=1, device="cpu")
     assert result["pairs"] == 4 and 0 < result["q1"] <= result["ratio"] <= result["q3"]
+
+
+def test_paired_ratio_without_input_checks(losses_benchmark):
+    try:
+        result = losses_benchmark.paired_worker("dice", "tiny", pairs=2, threads=1, device="cpu", checks=False)
+        assert not input_checks_enabled()  # the worker's process times segloss with the checks off
+    finally:
+        set_input_checks(True)
+    assert result["pairs"] == 2 and result["ratio"] > 0
 
 
 @pytest.fixture(scope="module")
