@@ -22,18 +22,42 @@ takes ``weight_map`` (``forward(input, target, weight_map=None)``), :class:`~seg
 takes ``skeleton``. A loss whose ``forward`` does not take a routed keyword raises ``TypeError`` naming both
 (:func:`~segloss.losses.compound.call_loss`) rather than train without it; :class:`~segloss.losses.CompoundLoss`
 hands each keyword to the terms that take it (``term_kwargs`` restricts that) and raises when none does.
+:func:`loss_batch_keys` reads from a loss the keywords its ``term_kwargs`` route, the bundles' default keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-from segloss.losses.compound import call_loss
+from segloss.losses.compound import CompoundLoss, call_loss
 
-__all__ = ["LossKwargsIteration"]
+__all__ = ["LossKwargsIteration", "loss_batch_keys"]
+
+
+def loss_batch_keys(loss: Callable) -> list[str]:
+    """The keywords that the ``term_kwargs`` of ``loss`` route to its terms, sorted: every
+    :class:`~segloss.losses.CompoundLoss` in it counts, nested ones too (the pixel term of a
+    :class:`~segloss.losses.TopologyAwareLoss`). ``[]`` for a loss without any, or one that is no ``nn.Module``.
+
+    The bundles' default ``loss_batch_keys``: a loss option that names ``skeleton`` for its skeleton-recall term
+    then receives the batch's skeleton, which it needs (without one :class:`~segloss.losses.SkeletonRecallLoss`
+    scores the segmentation as its skeleton, with no error).
+
+    >>> from segloss.losses import CompoundLoss, DiceLoss, SkeletonRecallLoss
+    >>> terms = {"dice": DiceLoss(softmax=True, to_onehot_y=True), "recall": SkeletonRecallLoss(softmax=True)}
+    >>> loss_batch_keys(CompoundLoss(terms, term_kwargs={"dice": [], "recall": ["skeleton"]}))
+    ['skeleton']
+    >>> loss_batch_keys(DiceLoss())
+    []
+    """
+    modules = loss.modules() if isinstance(loss, nn.Module) else ()
+    return sorted(
+        {key for m in modules if isinstance(m, CompoundLoss) for keys in m.term_kwargs.values() for key in keys}
+    )
 
 
 class _BoundLoss:

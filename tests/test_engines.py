@@ -154,3 +154,22 @@ def test_keys_as_a_list_of_names():
     assert LossKwargsIteration("weight_map").keys == {"weight_map": "weight_map"}
     with pytest.raises(ValueError, match="keys"):
         LossKwargsIteration([])
+
+
+def test_loss_batch_keys_reads_the_term_kwargs_of_nested_compound_losses():
+    from segloss.engines import loss_batch_keys
+    from segloss.losses import DiceLoss, SkeletonRecallLoss, TopologyAwareLoss
+
+    dice = DiceLoss(to_onehot_y=True, softmax=True)
+    border = CompoundLoss({"ce": WeightedCrossEntropyLoss(), "dice": dice}, term_kwargs={"ce": ["weight_map"]})
+    assert loss_batch_keys(border) == ["weight_map"]
+    recall = CompoundLoss(
+        {"dice": dice, "recall": SkeletonRecallLoss(softmax=True)}, term_kwargs={"recall": ["skeleton"]}
+    )
+    both = CompoundLoss({"border": border, "recall": recall})
+    assert loss_batch_keys(both) == ["skeleton", "weight_map"]
+    # TopologyAwareLoss is a CompoundLoss whose own term_kwargs keep the topology term empty
+    assert loss_batch_keys(TopologyAwareLoss(pixel_loss=border, topology_loss=RecordingLoss())) == ["weight_map"]
+    assert loss_batch_keys(CompoundLoss({"dice": dice})) == []  # every term gets what it takes, nothing is named
+    assert loss_batch_keys(dice) == []
+    assert loss_batch_keys(lambda input, target: input.sum()) == []  # a plain callable loss

@@ -320,11 +320,11 @@ def _run_recording_loss_kwarg(wf, term_of, key: str):
 
 
 def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
-    """Each batch's weight_map (BorderWeightMapd, cropped with the image) is what the CE term receives."""
+    """Each batch's weight_map (BorderWeightMapd, cropped with the image) is what the CE term receives, with the
+    default loss_batch_keys: the option's term_kwargs name it."""
     wf = workflow(
         "em_membrane_2d",
         loss="@loss_options#border_ce_dice_topology",  # the default (Dice) takes no weight map
-        loss_batch_keys=["weight_map"],
         max_epochs=1,
         epoch_length=2,
         val_interval=10,
@@ -339,12 +339,12 @@ def test_em_border_weight_map_reaches_the_weighted_ce_term(tmp_path):
 
 
 def test_ct_skeleton_reaches_the_skeleton_recall_term(tmp_path):
-    """With loss_batch_keys ['skeleton'] the CT bundle skeletonises each cached label (Skeletonized), crops the
-    skeleton with the image, and the skeleton-recall term receives exactly the batch's skeleton."""
+    """Choosing the skeleton-recall option is enough (the default loss_batch_keys read ['skeleton'] from its
+    term_kwargs): the CT bundle skeletonises each cached label (Skeletonized), crops the skeleton with the image,
+    and the skeleton-recall term receives exactly the batch's skeleton."""
     wf = workflow(
         "ct_spleen_3d",
         loss="@loss_options#dice_ce_skeleton_recall",
-        loss_batch_keys=["skeleton"],
         max_epochs=1,
         **synthetic(tmp_path),
         **tiny("ct_spleen_3d", tmp_path),
@@ -354,6 +354,33 @@ def test_ct_skeleton_reaches_the_skeleton_recall_term(tmp_path):
     for got, batch in zip(received, batches):
         torch.testing.assert_close(got.as_tensor().cpu(), batch["skeleton"].as_tensor(), rtol=0, atol=0)
         assert 0 < batch["skeleton"].sum() < batch["label"].sum(), "a thin skeleton of the label, not the label itself"
+
+
+@pytest.mark.parametrize(
+    "bundle, option, keys",
+    [
+        ("em_membrane_2d", None, []),
+        ("em_membrane_2d", "ce", []),
+        ("em_membrane_2d", "border_ce_dice", ["weight_map"]),
+        ("em_membrane_2d", "border_ce_dice_topology", ["weight_map"]),
+        ("em_membrane_2d", "skeleton_recall", ["skeleton"]),
+        ("ct_spleen_3d", None, []),
+        ("ct_spleen_3d", "dice_ce_skeleton_recall", ["skeleton"]),
+    ],
+)
+def test_default_loss_batch_keys_follow_the_chosen_loss(bundle, option, keys, tmp_path, monkeypatch):
+    """A loss option that needs a batch entry gets it without --loss_batch_keys; an explicit value overrides."""
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setenv("SEGLOSS_VGG19_WEIGHTS", str(tmp_path / "no_such_vgg19.pth"))  # no download attempt
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / "train.json"))
+    if option is not None:
+        parser["loss"] = f"@loss_options#{option}"
+    assert parser.get_parsed_content("loss_batch_keys") == keys
+    parser["loss_batch_keys"] = []
+    parser.parse()
+    assert parser.get_parsed_content("loss_batch_keys") == []
 
 
 def test_ct_default_loss_makes_no_skeleton():
