@@ -264,7 +264,7 @@ def _read_label_map(target: torch.Tensor, input_shape: torch.Size, ignore_index:
     labels = labels.long().reshape(B, -1)
     if checks:
         in_range = labels if ignore_index is None else labels.masked_fill(labels == ignore_index, 0)
-        lo, hi = (int(v) for v in torch.aminmax(in_range))
+        lo, hi = torch.stack(torch.aminmax(in_range)).tolist()  # one host sync for both
         if lo < 0 or hi >= C:
             raise ValueError(
                 f"`target` label values must lie in [0, {C}) for an input with {C} channels"
@@ -314,7 +314,8 @@ def _read_weight_map(weight_map: torch.Tensor, input_shape: torch.Size, is_label
     if wm.shape[1] == C and C > 1 and is_labels:
         raise ValueError("`weight_map` with one channel per class needs a dense (one-hot) target.")
     wm = wm.float().reshape(B, wm.shape[1], -1)
-    if input_checks_enabled() and (not bool(torch.isfinite(wm).all()) or bool((wm < 0).any())):
+    # one pass and one host sync: NaN fails both comparisons, +-Inf one of them
+    if input_checks_enabled() and not bool(((wm >= 0) & (wm < float("inf"))).all()):
         raise ValueError("`weight_map` must be finite and non-negative.")
     return wm
 
