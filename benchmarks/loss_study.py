@@ -129,6 +129,18 @@ def _mask_features_after_warmup(mu: float):
     )
 
 
+def _dice_topology(extractor, mu: float, warmup: bool):
+    """Plain membrane Dice (the 2D bundle's default loss) plus ``mu`` x a topology term (``extractor(ctx)``),
+    from step 0 or (``warmup``) from a third of the steps on: the issue's comparison of the term against the
+    same loss without it and with random VGG-19 features, on the loss that won the study."""
+    import segloss
+
+    def build(ctx):
+        return segloss.CompoundLoss({"dice": membrane_dice(), "topology": extractor(ctx)}, {"topology": mu})
+
+    return build, [], (lambda steps: {"topology": [(0, 0.0), (steps // 3, mu)]}) if warmup else None
+
+
 # name -> (builder(ctx) -> loss module, the batch keys its forward takes, a term-weight schedule or None).
 # ctx holds "class_weight" (balanced weights of the training labels) and "steps".
 LOSSES = {
@@ -194,6 +206,9 @@ LOSSES = {
     ),
     "border_ce_dice_mask_features_0.03_warmup": _mask_features_after_warmup(0.03),
     "border_ce_dice_mask_features_0.01_warmup": _mask_features_after_warmup(0.01),
+    "dice_mask_features": _dice_topology(_mask_features, 0.1, warmup=False),
+    "dice_mask_features_0.01_warmup": _dice_topology(_mask_features, 0.01, warmup=True),
+    "dice_vgg_random_0.01_warmup": _dice_topology(_vgg_random, 0.01, warmup=True),
 }
 # the order in which runs are trained: cheap, decisive comparisons first, the expensive VGG term last
 ORDER = [
@@ -212,7 +227,10 @@ ORDER = [
     "border_ce_dice_mask_features",
     "border_ce_dice_mask_features_0.03_warmup",
     "border_ce_dice_mask_features_0.01_warmup",
+    "dice_mask_features",
+    "dice_mask_features_0.01_warmup",
     "border_ce_dice_vgg_random",
+    "dice_vgg_random_0.01_warmup",
 ]
 assert sorted(ORDER) == sorted(LOSSES)
 
