@@ -118,6 +118,11 @@ def _mask_features(ctx):
     return segloss.TopologyLoss(softmax=True, to_onehot_y=True, weights="auto")
 
 
+def _topology_after_warmup(mu: float):
+    """The term-weight schedule that switches the ``topology`` term on, at ``mu``, after a third of the steps."""
+    return lambda steps: {"topology": [(0, 0.0), (steps // 3, mu)]}
+
+
 def _mask_features_after_warmup(mu: float):
     """Border CE + Dice, plus ``mu`` x the MaskFeatures term from a third of the steps on: the issue's mu /
     warm-up sweep, after 0.1 from step 0 raised the Betti error (the term then acts on a network that has not
@@ -125,7 +130,7 @@ def _mask_features_after_warmup(mu: float):
     return (
         lambda ctx: _border_ce_dice({"topology": (_mask_features(ctx), mu)}),
         ["weight_map"],
-        lambda steps: {"topology": [(0, 0.0), (steps // 3, mu)]},
+        _topology_after_warmup(mu),
     )
 
 
@@ -138,7 +143,7 @@ def _dice_topology(extractor, mu: float, warmup: bool):
     def build(ctx):
         return segloss.CompoundLoss({"dice": membrane_dice(), "topology": extractor(ctx)}, {"topology": mu})
 
-    return build, [], (lambda steps: {"topology": [(0, 0.0), (steps // 3, mu)]}) if warmup else None
+    return build, [], _topology_after_warmup(mu) if warmup else None
 
 
 # name -> (builder(ctx) -> loss module, the batch keys its forward takes, a term-weight schedule or None).

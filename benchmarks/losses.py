@@ -279,10 +279,9 @@ def main() -> None:
         )
         return
     if args.paired:
-        checks = "off" if args.no_input_checks else "on"
         print(
             f"threads={args.threads} device={args.device}: segloss/MONAI time, {args.paired} paired steps, "
-            f"segloss input checks {checks}\n"
+            f"segloss input checks {'off' if args.no_input_checks else 'on'}\n"
         )
         print("| case | loss | segloss/MONAI median | quartiles |")
         print("|---|---|---|---|")
