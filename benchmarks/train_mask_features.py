@@ -42,6 +42,7 @@ printed. The shipped files were made by the first two commands:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import os
@@ -129,9 +130,58 @@ def cuts(rng: np.random.Generator, g: np.ndarray, num: int, extra=(1.0, 4.0), ma
     return _balls(g.shape, pts.astype(float), half + rng.uniform(*extra, len(pts))) & g
 
 
+@functools.cache
+def _simple_points_2d() -> np.ndarray:
+    """For each of the 256 patterns of a pixel's 8 neighbours (bit i = ``_NEIGHBOURS_2D[i]`` is foreground): is the
+    pixel simple, i.e. does flipping it keep the topology (:func:`is_simple`)?"""
+    table = np.zeros(256, bool)
+    for code in range(256):
+        window = np.zeros((3, 3), bool)
+        for bit, (dy, dx) in enumerate(_NEIGHBOURS_2D):
+            window[1 + dy, 1 + dx] = bool(code >> bit & 1)
+        table[code] = is_simple(window)
+    return table
+
+
+_NEIGHBOURS_2D = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def is_simple(window: np.ndarray) -> bool:
+    """Is the centre of a 3x3 (3x3x3) window a simple point: does flipping it leave the number of foreground
+    components (full connectivity, 8 / 26) and of background components (the dual 4 / 6) unchanged, and so every
+    Betti number of :func:`segloss.metrics.betti_numbers`? The test of Bertrand's topological numbers: the
+    neighbours (centre excluded) form exactly one foreground component, and the background neighbours that share a
+    face with the centre lie in exactly one dual component of the background within the 4- (18-) neighbourhood."""
+    ndim, centre = window.ndim, (1,) * window.ndim
+    fg = window.copy()
+    fg[centre] = False
+    num_fg = ndimage.label(fg, ndimage.generate_binary_structure(ndim, ndim))[1]
+    offsets = np.indices((3,) * ndim).reshape(ndim, -1).T - 1
+    bg = ~fg
+    bg[centre] = False
+    if ndim == 3:  # the background is taken within the 18-neighbourhood: without the corners
+        bg[tuple((offsets[np.abs(offsets).sum(1) == 3] + 1).T)] = False
+    labels = ndimage.label(bg, ndimage.generate_binary_structure(ndim, 1))[0]
+    faces = offsets[np.abs(offsets).sum(1) == 1] + 1
+    return num_fg == 1 and len(set(labels[tuple(faces.T)].tolist()) - {0}) == 1
+
+
+def _flip_is_simple(mask: np.ndarray, p: np.ndarray) -> bool:
+    window = mask[tuple(slice(i - 1, i + 2) for i in p)]
+    if mask.ndim == 2:
+        code = sum(int(window[1 + dy, 1 + dx]) << bit for bit, (dy, dx) in enumerate(_NEIGHBOURS_2D))
+        return bool(_simple_points_2d()[code])
+    return is_simple(window)
+
+
 def harmless(rng: np.random.Generator, g: np.ndarray, count: int, kind: str) -> np.ndarray:
-    """``count`` pixels to flip that keep the topology, in contiguous patches: ``"thin"`` removes border pixels
-    next to a core of ``g`` (so the structure stays connected), ``"thick"`` adds pixels just outside ``g``."""
+    """Up to ``count`` pixels to flip that keep the topology, in contiguous patches: ``"thin"`` removes border
+    pixels next to a core of ``g``, ``"thick"`` adds pixels just outside ``g``. The pixels are flipped one at a
+    time, nearest to a few random centres first, each only if it is a simple point of the mask as flipped so far
+    (:func:`is_simple`), so every Betti number of the result equals that of ``g``. (Without that test, thinning a
+    membrane where it is two or three pixels wide broke it: the held-out thinning of ``topology_prior.py`` had a
+    Betti error of 8 per 256^2 crop against 27 for the cuts, in 3D more than the cuts.) Fewer than ``count``
+    pixels when the candidates run out."""
     full = ndimage.generate_binary_structure(g.ndim, g.ndim)
     if kind == "thin":
         core = ndimage.binary_erosion(g, full)
@@ -146,8 +196,14 @@ def harmless(rng: np.random.Generator, g: np.ndarray, count: int, kind: str) -> 
         return out
     centres = pts[rng.choice(len(pts), max(1, len(pts) // 150), replace=False)]
     dist, _ = cKDTree(centres).query(pts)
-    chosen = pts[np.argsort(dist + rng.uniform(0, 0.5, len(pts)), kind="stable")[:count]]
-    out[tuple(chosen.T)] = True
+    mask, flipped = g.copy(), 0
+    for p in pts[np.argsort(dist + rng.uniform(0, 0.5, len(pts)), kind="stable")]:
+        if _flip_is_simple(mask, p):
+            mask[tuple(p)] = not mask[tuple(p)]
+            out[tuple(p)] = True
+            flipped += 1
+            if flipped == count:
+                break
     return out
 
 
