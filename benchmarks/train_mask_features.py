@@ -10,8 +10,9 @@ Each step corrupts every label ``g`` in the batch (:func:`corruptions`):
 - topological errors: cuts across the structure (a ball on the skeleton, radius = local half-width + 1-4 px),
   false bridges (a segment across a cell / between two vessels, joining the structure at both ends) and
   spurious fragments (a free segment);
-- harmless errors with exactly the pixel count of the cuts (resp. bridges): border thinning (where the structure
-  keeps a core) and thickening, in contiguous patches.
+- harmless errors with the pixel count of the cuts (resp. bridges): border thinning (where the structure keeps a
+  core) and thickening, in contiguous patches, every flip a simple point (:func:`is_simple`), so that no Betti
+  number changes.
 
 Objective (``L = L_rank + a L_grad + 0.01 log(d_soft)^2``, ``a = --align-weight``: 4 for the shipped 2D weights,
 1 for the 3D ones; ``margin = --margin``, 30), with ``d(x) = sum_n mean((f_n(x) - f_n(g))^2)`` the term of
@@ -130,6 +131,9 @@ def cuts(rng: np.random.Generator, g: np.ndarray, num: int, extra=(1.0, 4.0), ma
     return _balls(g.shape, pts.astype(float), half + rng.uniform(*extra, len(pts))) & g
 
 
+_NEIGHBOURS_2D = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
 @functools.cache
 def _simple_points_2d() -> np.ndarray:
     """For each of the 256 patterns of a pixel's 8 neighbours (bit i = ``_NEIGHBOURS_2D[i]`` is foreground): is the
@@ -143,15 +147,13 @@ def _simple_points_2d() -> np.ndarray:
     return table
 
 
-_NEIGHBOURS_2D = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-
-
 def is_simple(window: np.ndarray) -> bool:
     """Is the centre of a 3x3 (3x3x3) window a simple point: does flipping it leave the number of foreground
     components (full connectivity, 8 / 26) and of background components (the dual 4 / 6) unchanged, and so every
     Betti number of :func:`segloss.metrics.betti_numbers`? The test of Bertrand's topological numbers: the
     neighbours (centre excluded) form exactly one foreground component, and the background neighbours that share a
-    face with the centre lie in exactly one dual component of the background within the 4- (18-) neighbourhood."""
+    face with the centre lie in exactly one dual component of the background within the window (in 3D, within
+    the 18-neighbourhood: the window without its corners)."""
     ndim, centre = window.ndim, (1,) * window.ndim
     fg = window.copy()
     fg[centre] = False

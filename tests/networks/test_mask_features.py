@@ -153,7 +153,7 @@ def test_gradient_steps_of_the_term_alone_close_cuts_first(shared_data):
     vgg = prior.gradient_test(VGG19Features(weights=None), crops[:2], num_cuts=4, steps=10)
     assert vgg["cuts_fixed"] < vgg["noise_fixed"]
     # per pixel, the first step pushes a cut pixel harder, relative to a noise pixel, than a pixel loss does (the
-    # shipped prior: 1.19x against pixel L2's 0.56x; random VGG-19 0.27x)
+    # shipped prior: 1.35x against pixel L2's 0.57x; random VGG-19 0.25x)
     pixel = prior.gradient_test(prior.pixel_features, crops, num_cuts=4, steps=1)
     assert ours["selectivity"] > 1.5 * pixel["selectivity"] > 1.5 * vgg["selectivity"]
 
@@ -191,3 +191,15 @@ def test_heldout_3d_cut_vessels_outrank_surface_noise():
     assert min(ours.values()) >= PROPERTY_MIN_3D
     vgg = prior.property_ratios(VGG19Features(("conv1_2",), weights=None), volumes[:1], num_cuts=6)
     assert max(vgg.values()) < min(ours.values())
+
+
+@pytest.mark.slow
+def test_exact_topology_passes_the_ranking_test_but_its_gradient_opens_more_cuts(shared_data):
+    """The local Euler characteristic (32 px windows, no weights) ranks held-out cuts 10x above topology-keeping
+    border noise, which no trained MaskFeatures reached, yet gradient steps of its term raise the Betti error: the
+    ranking bar and the gradient bar of the prior ask different things (docs/mask_features.md)."""
+    prior = load_script("topology_prior")
+    crops = prior.heldout_crops_2d(shared_data("isbi2012_em"))
+    assert min(prior.property_ratios(prior.euler_features, crops[::3], num_cuts=25).values()) >= 10.0
+    steps = prior.gradient_test(prior.euler_features, [c[64:192, 64:192] for c in crops[::6]], num_cuts=4, steps=30)
+    assert steps["betti_after"] > steps["betti_before"] and steps["cuts_fixed"] < steps["noise_fixed"]
